@@ -1,0 +1,5 @@
+import sys
+
+from mergeflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""Checks that a base and its fine-tuned models can be merged, before any tensor is read.
+
+Works on tensor *signatures* (name -> (shape, dtype)), which lazy checkpoints give without
+reading data, so the same check guards the in-memory and the streaming paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+Signature = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class IncompatibleCheckpoints(ValueError):
+    """The models disagree on tensor names, shapes or dtypes."""
+
+
+def is_mergeable(dtype: torch.dtype) -> bool:
+    """Only floating tensors are merged; integer and boolean buffers are copied from the base."""
+    return dtype.is_floating_point
+
+
+def signature_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
+
+
+def check_compatible(base: Signature, models: Sequence[Signature], labels: Sequence[str] | None = None,
+                     max_report: int = 5) -> None:
+    """Raise IncompatibleCheckpoints naming the first mismatches; return None if all agree."""
+    labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
+    problems: list[str] = []
+    for label, sig in zip(labels, models, strict=True):
+        missing = sorted(set(base) - set(sig))
+        extra = sorted(set(sig) - set(base))
+        if missing:
+            problems.append(f"{label} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
+        if extra:
+            problems.append(f"{label} has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]}")
+        for name in sorted(set(base) & set(sig)):
+            (bs, bd), (ms, md) = base[name], sig[name]
+            if bs != ms:
+                problems.append(f"{label}: {name} has shape {list(ms)}, the base has {list(bs)}")
+            elif bd != md:
+                problems.append(f"{label}: {name} has dtype {md}, the base has {bd}")
+            if len(problems) >= max_report:
+                break
+        if len(problems) >= max_report:
+            break
+    if problems:
+        raise IncompatibleCheckpoints(
+            "checkpoints cannot be merged:\n  - " + "\n  - ".join(problems[:max_report])
+            + "\nAll models must share the base's tensor names, shapes and dtypes "
+            "(fine-tunes of the same pretrained checkpoint)."
+        )

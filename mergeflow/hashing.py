@@ -1,0 +1,41 @@
+"""Content hashes: the identity of checkpoints and artifacts, feeding every cache key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from mergeflow.checkpoint import Checkpoint
+
+_CHUNK = 1 << 24
+
+
+def hash_file(path: str | Path, h: hashlib._Hash | None = None) -> str:
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> str:
+    """sha256 over tensor names, dtypes, shapes and bytes, in name order.
+
+    Independent of sharding and file layout: the same tensors always give the same hash.
+    """
+    ckpt = Checkpoint(path, allow_pickle=allow_pickle)
+    h = hashlib.sha256()
+    for name in ckpt.names:
+        t = ckpt.get(name).contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def hash_json(obj: object) -> str:
+    """Stable hash of a JSON-serialisable value (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,63 @@
+"""The in-memory merge contract: `merge(method, base, finetuned, **hparams) -> state dict`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from mergeflow.compatibility import check_compatible, is_mergeable, signature_of
+from mergeflow.methods import GlobalStats, MergeMethod, TensorGroup, get_method
+from mergeflow.statistics import reduce_all
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparams: object) -> dict[str, torch.Tensor]:
+    """Merge fine-tuned state dicts of one base model with a registered method.
+
+    Float tensors are merged in float32 and cast back to the base's dtype; integer and boolean
+    tensors (position ids, BN counters) are copied from the base unchanged.
+    """
+    m = get_method(method)
+    params = m.params(**hparams)
+    _check_model_count(m, len(finetuned))
+    check_compatible(signature_of(base), [signature_of(sd) for sd in finetuned])
+    float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype)]
+
+    def group(name: str) -> TensorGroup:
+        return TensorGroup(
+            name=name,
+            base=base[name].to(torch.float32),
+            models=torch.stack([sd[name].to(torch.float32) for sd in finetuned]),
+        )
+
+    stats = global_stats(m, params, (group(k) for k in float_names))
+    merged = {}
+    for name in sorted(base):
+        if name in float_names:
+            merged[name] = m.merge_tensor(group(name), params, stats).to(base[name].dtype)
+        else:
+            merged[name] = base[name].clone()
+    return merged
+
+
+def global_stats(method: MergeMethod, params, groups_factory) -> GlobalStats:
+    """Run the method's stat passes over all tensors in memory (exact reference semantics)."""
+    groups = list(groups_factory)
+    stats: dict[str, torch.Tensor] = {}
+    for stat_pass in method.stat_passes:
+        collected: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for g in groups:
+            for source, values in stat_pass.values(g, params, stats).items():
+                collected[source].append(values)
+        stats.update(reduce_all(collected, stat_pass.reductions(params)))
+    return stats
+
+
+def _check_model_count(m: MergeMethod, n: int) -> None:
+    if n < m.min_models or (m.max_models is not None and n > m.max_models):
+        want = f"{m.min_models}" if m.max_models == m.min_models else (
+            f"at least {m.min_models}" if m.max_models is None else f"{m.min_models} to {m.max_models}")
+        raise ValueError(f"method {m.name!r} needs {want} fine-tuned model(s), got {n}")

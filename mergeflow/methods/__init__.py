@@ -1,0 +1,24 @@
+"""Merge methods. Each module registers one method; importing this package registers them all."""
+
+from mergeflow.methods import average, task_arithmetic  # noqa: F401
+from mergeflow.methods.base import (
+    GlobalStats,
+    Hyperparams,
+    MergeMethod,
+    Reduce,
+    StatPass,
+    TensorGroup,
+)
+from mergeflow.methods.registry import all_methods, get_method, register
+
+__all__ = [
+    "GlobalStats",
+    "Hyperparams",
+    "MergeMethod",
+    "Reduce",
+    "StatPass",
+    "TensorGroup",
+    "all_methods",
+    "get_method",
+    "register",
+]

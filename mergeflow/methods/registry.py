@@ -1,0 +1,60 @@
+"""The one registry of merge methods. A method registers itself once, at import of its module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mergeflow.methods.base import Hyperparams, MergeMethod, StatPass
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    hyperparams: type[Hyperparams],
+    paper: str,
+    summary: str,
+    stat_passes: tuple[StatPass, ...] = (),
+    min_models: int = 1,
+    max_models: int | None = None,
+) -> Callable:
+    """Decorator: register `fn(group, params, stats) -> Tensor` as merge method `name`."""
+
+    def wrap(fn: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        _REGISTRY[name] = MergeMethod(
+            name=name,
+            merge_tensor=fn,
+            hyperparams=hyperparams,
+            paper=paper,
+            summary=summary,
+            stat_passes=stat_passes,
+            min_models=min_models,
+            max_models=max_models,
+        )
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge method {name!r}; available: {', '.join(sorted(_REGISTRY))} "
+            "(`mergeflow methods` lists them with their hyperparameters)"
+        ) from None
+
+
+def all_methods() -> list[MergeMethod]:
+    _load_builtin_methods()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package imports every method module, each of which registers itself.
+    import mergeflow.methods  # noqa: F401

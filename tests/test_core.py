@@ -1,0 +1,117 @@
+"""Library core: checkpoint I/O, the merge contract, the simplest methods."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mergeflow
+from mergeflow.checkpoint import Checkpoint, CheckpointError
+from mergeflow.checkpoint_writer import CheckpointWriter, save_checkpoint
+from mergeflow.compatibility import IncompatibleCheckpoints
+from mergeflow.hashing import hash_checkpoint
+from mergeflow.task_vectors import apply_task_vector, task_vector
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "enc.weight": torch.randn(8, 4, generator=g),
+        "enc.bias": torch.randn(8, generator=g),
+        "norm.weight": torch.randn(8, generator=g).to(torch.bfloat16),
+        "position_ids": torch.arange(6),
+        "mask": torch.tensor([True, False]),
+    }
+
+
+def test_single_and_sharded_round_trip(tmp_path):
+    sd = _state(0)
+    single = save_checkpoint(sd, tmp_path / "single")
+    sharded = save_checkpoint(sd, tmp_path / "sharded", max_shard_bytes=64)
+    assert (single / "model.safetensors").exists()
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    for path in (single, sharded):
+        ckpt = Checkpoint(path)
+        assert ckpt.names == sorted(sd)
+        for k, v in sd.items():
+            assert ckpt.info(k).shape == tuple(v.shape) and ckpt.info(k).dtype == v.dtype
+            assert torch.equal(ckpt.get(k), v)
+    # The content hash ignores the file layout.
+    assert hash_checkpoint(single) == hash_checkpoint(sharded)
+    sd2 = dict(sd, **{"enc.bias": sd["enc.bias"] + 1})
+    assert hash_checkpoint(save_checkpoint(sd2, tmp_path / "other")) != hash_checkpoint(single)
+
+
+def test_lazy_metadata_reads_no_tensor(tmp_path):
+    path = save_checkpoint(_state(0), tmp_path / "m")
+    ckpt = Checkpoint(path)
+    assert ckpt.signature()["enc.weight"] == ((8, 4), torch.float32)
+    assert ckpt._handles == {}  # headers only: no file opened for data yet
+    ckpt.get("enc.bias")
+    assert len(ckpt._handles) == 1
+
+
+def test_writer_leaves_nothing_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.add("a", torch.ones(3))
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_bytes_are_deterministic(tmp_path):
+    a = save_checkpoint(_state(1), tmp_path / "a")
+    b = save_checkpoint(_state(1), tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_pickle_refused_unless_opted_in(tmp_path):
+    path = tmp_path / "model.bin"
+    torch.save(_state(0), path)
+    with pytest.raises(CheckpointError, match="pickle"):
+        Checkpoint(path)
+    assert torch.equal(Checkpoint(path, allow_pickle=True).get("enc.weight"), _state(0)["enc.weight"])
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    path = save_checkpoint(_state(0), tmp_path / "m") / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        Checkpoint(path.parent)
+
+
+def test_task_vector_round_trip_skips_integer_buffers():
+    base, ft = _state(0), _state(1)
+    tau = task_vector(base, ft)
+    assert "position_ids" not in tau and "mask" not in tau
+    back = apply_task_vector(base, tau)
+    assert torch.allclose(back["enc.weight"], ft["enc.weight"])
+    assert torch.equal(back["position_ids"], base["position_ids"])
+
+
+def test_task_arithmetic_and_average_by_hand():
+    base = {"w": torch.tensor([1.0, 2.0]), "ids": torch.tensor([7, 8])}
+    fts = [{"w": torch.tensor([2.0, 2.0]), "ids": torch.tensor([0, 0])},
+           {"w": torch.tensor([1.0, 5.0]), "ids": torch.tensor([1, 1])}]
+    ta = mergeflow.merge("task_arithmetic", base, fts, lam=0.5)
+    # tau = [1, 0] and [0, 3]; base + 0.5 * [1, 3]
+    assert torch.equal(ta["w"], torch.tensor([1.5, 3.5]))
+    assert torch.equal(ta["ids"], base["ids"])  # integer buffers come from the base
+    avg = mergeflow.merge("average", base, fts)
+    assert torch.equal(avg["w"], torch.tensor([1.5, 3.5]))
+
+
+def test_merge_keeps_dtype_and_refuses_mismatches():
+    base, ft = _state(0), _state(1)
+    out = mergeflow.merge("task_arithmetic", base, [ft])
+    assert out["norm.weight"].dtype == torch.bfloat16
+    bad = dict(ft, **{"enc.weight": torch.randn(8, 5)})
+    with pytest.raises(IncompatibleCheckpoints, match=r"enc.weight has shape \[8, 5\]"):
+        mergeflow.merge("task_arithmetic", base, [bad])
+    with pytest.raises(ValueError, match="unknown merge method 'tie'"):
+        mergeflow.merge("tie", base, [ft])
+    with pytest.raises(ValueError, match="lamb"):
+        mergeflow.merge("task_arithmetic", base, [ft], lamb=1.0)
