@@ -1,0 +1,231 @@
+"""PCB-Merging (Du et al., NeurIPS 2024): parameter competition balancing, exact official semantics.
+
+Every per-task operation runs over the task's WHOLE-model vector (all float tensors, sorted by
+name, flattened), like the official code, but without flattening: the global order statistics are
+two `StatPass`es, and the same per-tensor functions serve the in-memory and streaming paths.
+
+Per task i (row of T = stacked task vectors, d = number of scalars in the model):
+1. clip: A = clamp(|T_i|, lo_i, hi_i), lo_i = sorted(|T_i|)[int(d*clip)],
+   hi_i = sorted(|T_i|)[int(d*(1-clip)-1)] (0-based indices, as the official `clamp`);
+   T_c = sign(T) * A are the vectors that get merged.
+2. intra = exp(n * ((A - lo)/(hi - lo))**2) (min-max normalisation; the min and max of the clipped
+   row are exactly lo and hi), computed in float32.
+3. inter: "nlp"       tanh(T_i * sum_j T_j)                  (task_para_att_merge, pcb-merging.py)
+          "vision"    tanh(T_i * sum_j N_j), N = sign(T) * normalised A   (vision pcb.py)
+          "vision_es" sum_j tanh(N_i * N_j)                  (vision pcb_ES.py, the searched one)
+4. score = intra * inter; q_i = sorted(score_i)[int(d*(1-ratio))], m_i = max(score_i);
+   scale = (clamp(score, q, m) - q) / (m - q): only the top `ratio` fraction is > 0.
+5. nlp:    theta = theta_0 + lam * sum_i scale_i T_c,i / max(sum_i scale_i, 1e-12)
+   vision: theta = theta_0 + sum_i scale_i (lam_i T_c,i) / max(sum_i scale_i, 1e-12)
+   Entries where every scale is 0 stay at the base.
+
+Where the official code would divide by zero (a task whose clipped |tau| is constant, e.g. a
+fine-tune equal to the base; or a score row whose kept part is all one value) it silently returns
+NaN for the whole model; here that is an error that says so.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from mergeflow.methods.base import GlobalStats, Hyperparams, Reduce, StatPass, TensorGroup
+from mergeflow.methods.registry import register
+
+# Names of the global statistics (Tensor(n) each) the stat passes produce.
+CLIP_LOW, CLIP_HIGH = "pcb_clip_low", "pcb_clip_high"
+SCORE_CUT, SCORE_MAX = "pcb_score_cut", "pcb_score_max"
+SCALE_EPS = 1e-12
+
+
+class PcbParams(Hyperparams):
+    ratio: float = Field(0.1, gt=0.0, le=1.0, description="kept fraction of each task's scores (r)")
+    lam: float | list[float] = Field(
+        1.0,
+        description="scale; nlp: after the weighted mean; vision variants: per task (a list, or "
+        "one value for all) before it",
+    )
+    variant: Literal["nlp", "vision", "vision_es"] = Field(
+        "nlp", description="inter-balancing term of the official nlp / vision / vision ES code"
+    )
+    clip: float = Field(0.01, ge=0.0, lt=0.5, description="per-task two-sided quantile clip of |tau|")
+
+    @field_validator("lam")
+    @classmethod
+    def _lam_list_not_empty(cls, lam: float | list[float]) -> float | list[float]:
+        if isinstance(lam, list) and not lam:
+            raise ValueError("lam list is empty; give one value per fine-tuned model")
+        return lam
+
+    @model_validator(mode="after")
+    def _per_task_lam_only_for_vision(self) -> PcbParams:
+        if isinstance(self.lam, list) and self.variant == "nlp":
+            raise ValueError(
+                "per-task lam (a list) needs variant='vision' or 'vision_es' (the nlp code scales "
+                "after the weighted mean, with one lam)"
+            )
+        return self
+
+
+# ---- ranks: the official 0-based sort index i is the 1-based kthvalue rank i + 1 ----------------
+
+
+def clip_low_rank(d: int, clip: float) -> int:
+    return int(d * clip) + 1
+
+
+def clip_high_rank(d: int, clip: float) -> int:
+    return int(d * (1 - clip) - 1) + 1
+
+
+def score_cut_rank(d: int, ratio: float) -> int:
+    index = int(d * (1 - ratio))
+    if index >= d:
+        raise ValueError(f"pcb ratio={ratio} keeps no entry of a {d}-parameter model; raise ratio")
+    return index + 1
+
+
+# ---- per-tensor pieces (shared by the stat passes, merge_tensor and the coefficient search) -----
+
+
+def _rows(group: TensorGroup) -> torch.Tensor:
+    return group.deltas.reshape(group.n, -1)
+
+
+def sum_over_tasks(values: torch.Tensor) -> torch.Tensor:
+    """sum_i values[i], added in task order.
+
+    torch.sum(dim=0) adds rows in order too, except for the last few columns of a row (its
+    vectorised tail), which it adds in another order; which columns those are depends on where a
+    tensor ends. An explicit order makes the result independent of tensor boundaries and chunking
+    (streaming == in-memory), and equal to the official flattened code everywhere but in the last
+    d mod 32 scalars of the whole model, where they may differ in the last bit.
+    """
+    total = values[0].clone()
+    for row in values[1:]:
+        total += row
+    return total
+
+
+def _column(stats: GlobalStats, name: str) -> torch.Tensor:
+    return stats[name].to(torch.float32).unsqueeze(1)
+
+
+def clipped_magnitudes(tau: torch.Tensor, stats: GlobalStats) -> torch.Tensor:
+    """A = |tau| clipped per task to [lo, hi]; tau is (n, m)."""
+    return torch.clamp(torch.abs(tau), _column(stats, CLIP_LOW), _column(stats, CLIP_HIGH))
+
+
+def scores(tau: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
+    """The balancing score intra * inter, (n, m), for one tensor's task vectors tau (n, m)."""
+    n = tau.shape[0]
+    low, high = _column(stats, CLIP_LOW), _column(stats, CLIP_HIGH)
+    magnitudes = clipped_magnitudes(tau, stats)
+    normalized = (magnitudes - low) / (high - low)
+    intra = torch.exp(n * normalized**2)
+    if params.variant == "nlp":
+        inter = torch.tanh(tau * sum_over_tasks(tau))
+    else:
+        signed = torch.sign(tau) * normalized
+        if params.variant == "vision":
+            inter = torch.tanh(tau * sum_over_tasks(signed))
+        else:
+            inter = torch.vstack([sum_over_tasks(torch.tanh(signed[i] * signed)) for i in range(n)])
+    return intra * inter
+
+
+def clipped_and_scale(
+    group: TensorGroup, params: PcbParams, stats: GlobalStats
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_c, scale), both (n, m): the clipped task vectors and their kept, normalised weights.
+
+    They do not depend on lam, so a coefficient search computes them once.
+    """
+    tau = _rows(group)
+    clipped = torch.sign(tau) * clipped_magnitudes(tau, stats)
+    cut, top = _column(stats, SCORE_CUT), _column(stats, SCORE_MAX)
+    scale = (torch.clamp(scores(tau, params, stats), cut, top) - cut) / (top - cut)
+    return clipped, scale
+
+
+def per_task_lams(lam: float | list[float], n: int) -> torch.Tensor:
+    """lam as a float32 column (n, 1), as the official vision code builds it."""
+    values = lam if isinstance(lam, list) else [lam] * n
+    if len(values) != n:
+        raise ValueError(f"pcb got {len(values)} lam values for {n} fine-tuned models")
+    return torch.tensor(values, dtype=torch.float32).unsqueeze(1)
+
+
+def weighted_mean(
+    base: torch.Tensor, clipped: torch.Tensor, scale: torch.Tensor, lam: float | list[float], variant: str
+) -> torch.Tensor:
+    """theta_0 + the scale-weighted mean of the clipped vectors, lam placed as `variant` says."""
+    n = clipped.shape[0]
+    denominator = torch.clamp(sum_over_tasks(scale), min=SCALE_EPS)
+    if variant == "nlp":
+        merged = lam * (sum_over_tasks(clipped * scale) / denominator)
+    else:
+        merged = sum_over_tasks(clipped * per_task_lams(lam, n) * scale) / denominator
+    return base + merged.reshape(base.shape)
+
+
+# ---- the two stat passes -------------------------------------------------------------------------
+
+
+def _clip_values(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
+    if isinstance(params.lam, list):
+        per_task_lams(params.lam, group.n)  # wrong length: fail on the first tensor, not the last
+    return {"pcb_abs": torch.abs(_rows(group))}
+
+
+def _clip_reductions(params: PcbParams) -> dict[str, Reduce]:
+    return {
+        CLIP_LOW: Reduce("pcb_abs", "kth", lambda d: clip_low_rank(d, params.clip)),
+        CLIP_HIGH: Reduce("pcb_abs", "kth", lambda d: clip_high_rank(d, params.clip)),
+    }
+
+
+def _score_values(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
+    constant = (stats[CLIP_HIGH] <= stats[CLIP_LOW]).nonzero().flatten().tolist()
+    if constant:
+        raise ValueError(
+            f"pcb: the clipped |task vector| of model(s) {constant} is constant over the whole model "
+            "(a fine-tune equal to the base?), so its min-max normalisation is undefined; drop it"
+        )
+    return {"pcb_score": scores(_rows(group), params, stats)}
+
+
+def _score_reductions(params: PcbParams) -> dict[str, Reduce]:
+    return {
+        SCORE_CUT: Reduce("pcb_score", "kth", lambda d: score_cut_rank(d, params.ratio)),
+        SCORE_MAX: Reduce("pcb_score", "max"),
+    }
+
+
+def check_score_stats(stats: GlobalStats) -> None:
+    """Refuse score rows whose kept part is a single value (the official code returns NaN)."""
+    flat = (stats[SCORE_MAX] <= stats[SCORE_CUT]).nonzero().flatten().tolist()
+    if flat:
+        raise ValueError(
+            f"pcb: for model(s) {flat} the top-ratio scores all equal the cut value, so the "
+            "normalised scale is 0/0; raise ratio"
+        )
+
+
+PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions), StatPass(_score_values, _score_reductions))
+
+
+@register(
+    "pcb",
+    hyperparams=PcbParams,
+    paper="Du et al., Parameter Competition Balancing for Model Merging, NeurIPS 2024",
+    summary="intra/inter-task balancing scores over the whole model, drop, weighted mean",
+    stat_passes=PCB_STAT_PASSES,
+    min_models=1,
+)
+def pcb(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
+    check_score_stats(stats)
+    clipped, scale = clipped_and_scale(group, params, stats)
+    return weighted_mean(group.base, clipped, scale, params.lam, params.variant)

@@ -1,0 +1,276 @@
+"""PCB-Merging: the registered method against a literal transcription of the official flattened code,
+plus hand-checkable cases for every step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergeflow.merging import global_stats, merge
+from mergeflow.methods import TensorGroup, get_method
+from mergeflow.methods.pcb import CLIP_HIGH, CLIP_LOW, SCORE_CUT, SCORE_MAX, clipped_and_scale
+
+# ---- the official code, transcribed literally (flatten, sort, clamp, normalize, ...) -----------
+
+
+def _flatten(sd):
+    return torch.cat([sd[k].reshape(-1) for k in sorted(sd)])
+
+
+def _unflatten(vec, like):
+    out, at = {}, 0
+    for k in sorted(like):
+        size = like[k].numel()
+        out[k] = vec[at : at + size].reshape(like[k].shape)
+        at += size
+    return out
+
+
+def _normalize(x, dim=0):
+    min_values, _ = torch.min(x, dim=dim, keepdim=True)
+    max_values, _ = torch.max(x, dim=dim, keepdim=True)
+    return (x - min_values) / (max_values - min_values)
+
+
+def _clamp(x, min_ratio=0, max_ratio=0):
+    d = x.size(1)
+    sorted_x, _ = torch.sort(x, dim=1)
+    low = sorted_x[:, int(d * min_ratio)].unsqueeze(1)
+    high = sorted_x[:, int(d * (1 - max_ratio) - 1)].unsqueeze(1)
+    return torch.clamp(x, low, high)
+
+
+def official_pcb(base, finetuned, ratio=0.1, lam=1.0, variant="nlp", clip=0.01):
+    flat_ptm = _flatten(base)
+    all_checks = torch.stack([_flatten(sd) - flat_ptm for sd in finetuned])
+    n, d = all_checks.shape
+    all_checks_abs = _clamp(torch.abs(all_checks), min_ratio=clip, max_ratio=clip)
+    clamped_all_checks = torch.sign(all_checks) * all_checks_abs
+    intra = torch.exp(n * _normalize(all_checks_abs, 1) ** 2)
+    if variant == "nlp":
+        inter = torch.tanh(all_checks * torch.sum(all_checks, dim=0))
+    else:
+        normalized = torch.sign(all_checks) * _normalize(all_checks_abs, dim=1)
+        if variant == "vision":
+            inter = torch.tanh(all_checks * torch.sum(normalized, dim=0))
+        else:  # pcb_ES.py
+            inter = torch.vstack([torch.sum(torch.tanh(normalized[i] * normalized), dim=0) for i in range(n)])
+    balancing = intra * inter
+    scale = _normalize(_clamp(balancing, 1 - ratio, 0), dim=1)
+    if variant == "nlp":
+        tvs = clamped_all_checks
+        merged_tv = torch.sum(tvs * scale, dim=0) / torch.clamp(torch.sum(scale, dim=0), min=1e-12)
+        merged = flat_ptm + lam * merged_tv
+    else:
+        lams = torch.tensor(lam if isinstance(lam, list) else [lam] * n).unsqueeze(1)
+        tvs = clamped_all_checks * lams
+        merged_tv = torch.sum(tvs * scale, dim=0) / torch.clamp(torch.sum(scale, dim=0), min=1e-12)
+        merged = flat_ptm + merged_tv
+    return _unflatten(merged, base)
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+# d = 512: torch.sum(dim=0) in the official code adds the last d mod 32 columns in another order
+# (see pcb.sum_over_tasks); with d a multiple of 32 the comparison can be bitwise.
+SHAPES = {"w.a": (13, 7), "b.bias": (5,), "c.conv": (3, 4, 6), "d.scalar": (1,), "e.long": (343,)}
+
+
+def random_models(n, seed, shapes=SHAPES, spread=None):
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    finetuned = []
+    for i in range(n):
+        scale = 0.01 * (1 + i) if spread is None else spread[i]
+        finetuned.append({k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.items()})
+    return base, finetuned
+
+
+def _stats(base, finetuned, **hp):
+    m = get_method("pcb")
+    params = m.params(**hp)
+    groups = [
+        TensorGroup(k, base[k].float(), torch.stack([sd[k].float() for sd in finetuned])) for k in sorted(base)
+    ]
+    return params, groups, global_stats(m, params, groups)
+
+
+# ---- exactness against the official code ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["nlp", "vision", "vision_es"])
+@pytest.mark.parametrize(
+    "n,ratio,clip,lam,seed",
+    [(3, 0.1, 0.01, 1.0, 0), (5, 0.3, 0.0001, 1.7, 1), (2, 0.05, 0.1, 0.8, 2), (4, 1.0, 0.0, 1.2, 3)],
+)
+def test_matches_official_code_bitwise(variant, n, ratio, clip, lam, seed):
+    base, finetuned = random_models(n, seed)
+    ours = merge("pcb", base, finetuned, ratio=ratio, lam=lam, variant=variant, clip=clip)
+    ref = official_pcb(base, finetuned, ratio=ratio, lam=lam, variant=variant, clip=clip)
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+@pytest.mark.parametrize("variant", ["vision", "vision_es"])
+def test_per_task_lams_match_official_vision_code(variant):
+    base, finetuned = random_models(4, 7)
+    lams = [0.8, 1.3, 1.05, 1.2]
+    ours = merge("pcb", base, finetuned, ratio=0.2, lam=lams, variant=variant)
+    ref = official_pcb(base, finetuned, ratio=0.2, lam=lams, variant=variant)
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+def test_bf16_storage_is_merged_in_fp32_and_cast_back():
+    base, finetuned = random_models(3, 11)
+    base16 = {k: v.bfloat16() for k, v in base.items()}
+    ft16 = [{k: v.bfloat16() for k, v in sd.items()} for sd in finetuned]
+    ours = merge("pcb", base16, ft16, ratio=0.2)
+    ref = official_pcb(
+        {k: v.float() for k, v in base16.items()}, [{k: v.float() for k, v in sd.items()} for sd in ft16], ratio=0.2
+    )
+    for k in ref:
+        assert ours[k].dtype == torch.bfloat16
+        assert torch.equal(ours[k], ref[k].bfloat16()), k
+
+
+def test_integer_buffers_are_copied_and_not_counted_in_d():
+    base, finetuned = random_models(3, 4)
+    base["z.count"] = torch.tensor([7])
+    for sd in finetuned:
+        sd["z.count"] = torch.tensor([9])
+    ours = merge("pcb", base, finetuned, ratio=0.2)
+    ref = official_pcb(
+        {k: v for k, v in base.items() if k != "z.count"},
+        [{k: v for k, v in sd.items() if k != "z.count"} for sd in finetuned],
+        ratio=0.2,
+    )
+    assert torch.equal(ours["z.count"], torch.tensor([7]))
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+# ---- hand-checkable steps ------------------------------------------------------------------------
+
+
+def _one_task_split_over_two_tensors(values):
+    """One task whose task vector is `values`, split over two tensors (so the stats must be global)."""
+    values = torch.tensor(values, dtype=torch.float32)
+    half = len(values) // 2
+    base = {"a": torch.zeros(half), "b": torch.zeros(len(values) - half)}
+    return base, [{"a": values[:half], "b": values[half:]}]
+
+
+def test_clip_positions_are_the_official_sort_indices():
+    # |tau| = 1..10 shuffled, d = 10, clip = 0.1: lo = sorted[int(1.0)] = 2, hi = sorted[int(9.0 - 1)] = 9.
+    base, ft = _one_task_split_over_two_tensors([-5.0, 3.0, 10.0, -1.0, 7.0, 2.0, -9.0, 4.0, 8.0, -6.0])
+    _, _, stats = _stats(base, ft, clip=0.1)
+    assert stats[CLIP_LOW].tolist() == [2.0] and stats[CLIP_HIGH].tolist() == [9.0]
+    # clip = 0.01: int(0.1) = 0 -> the min; int(9.9 - 1) = 8 -> the 9th smallest, not the max.
+    _, _, stats = _stats(base, ft, clip=0.01)
+    assert stats[CLIP_LOW].tolist() == [1.0] and stats[CLIP_HIGH].tolist() == [9.0]
+    # clip = 0: int(0) = 0 and int(10 - 1) = 9: min and max, no clipping.
+    _, _, stats = _stats(base, ft, clip=0.0)
+    assert stats[CLIP_LOW].tolist() == [1.0] and stats[CLIP_HIGH].tolist() == [10.0]
+
+
+def test_clipped_vectors_keep_sign_and_zeros_and_min_max_normalisation():
+    # One task, nlp: score = exp(1 * ((A - lo) / (hi - lo))**2) * tanh(tau * tau).
+    tau = [0.0, -1.0, 2.0, -3.0, 4.0, 5.0, -6.0, 7.0, 8.0, 100.0]
+    base, ft = _one_task_split_over_two_tensors(tau)
+    params, groups, stats = _stats(base, ft, clip=0.1, ratio=1.0)
+    assert stats[CLIP_LOW].tolist() == [1.0] and stats[CLIP_HIGH].tolist() == [8.0]
+    clipped, scale = clipped_and_scale(groups[0], params, stats)  # tensor "a": the first 5 entries
+    # sign(0) = 0, so a zero stays zero although |0| is clipped up to lo = 1.
+    assert clipped.tolist() == [[0.0, -1.0, 2.0, -3.0, 4.0]]
+    clipped_b, _ = clipped_and_scale(groups[1], params, stats)
+    assert clipped_b.tolist() == [[5.0, -6.0, 7.0, 8.0, 8.0]]  # 100 clipped down to hi = 8
+    # A = |tau| clipped to [1, 8]; the inter term uses the raw tau (tanh(100 * 100) = 1).
+    expected_scores = [math.exp(((min(max(abs(t), 1.0), 8.0) - 1) / 7) ** 2) * math.tanh(t * t) for t in tau]
+    # ratio = 1: cut = sorted[int(0)] = the minimum score (0, from tau = 0), so scale = score / max.
+    assert stats[SCORE_CUT].item() == pytest.approx(0.0)
+    assert stats[SCORE_MAX].item() == pytest.approx(max(expected_scores), rel=1e-6)
+    assert scale[0].tolist() == pytest.approx([s / max(expected_scores) for s in expected_scores[:5]], rel=1e-5)
+
+
+def test_drop_keeps_entries_above_the_cut_quantile():
+    # d = 10, ratio = 0.3: cut = sorted(score)[int(10 * 0.7)] = the 8th smallest; the two entries
+    # above it get scale > 0, the top one 1, everything else exactly 0.
+    tau = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    base, ft = _one_task_split_over_two_tensors(tau)
+    params, groups, stats = _stats(base, ft, clip=0.0, ratio=0.3)
+    scale = torch.cat([clipped_and_scale(g, params, stats)[1] for g in groups], dim=1)[0]
+    assert (scale > 0).tolist() == [False] * 8 + [True, True]
+    assert scale[-1].item() == 1.0
+    merged = merge("pcb", base, ft, clip=0.0, ratio=0.3)
+    # One task: kept entries move to theta_0 + scale * tau / scale = tau exactly; dropped stay at 0.
+    assert torch.cat([merged["a"], merged["b"]]).tolist() == pytest.approx([0.0] * 8 + [0.9, 1.0])
+
+
+def test_entries_whose_scores_are_all_zero_stay_at_the_base():
+    base, finetuned = random_models(3, 5, spread=[0.01, 0.02, 0.03])
+    merged = merge("pcb", base, finetuned, ratio=0.05)
+    params, groups, stats = _stats(base, finetuned, ratio=0.05)
+    for g in groups:
+        _, scale = clipped_and_scale(g, params, stats)
+        all_zero = (scale.sum(dim=0) == 0).reshape(g.base.shape)
+        assert torch.equal(merged[g.name][all_zero], base[g.name][all_zero])
+        assert not torch.equal(merged[g.name][~all_zero], base[g.name][~all_zero]) or (~all_zero).sum() == 0
+
+
+def test_lam_placement_nlp_after_mean_vision_per_task_before_it():
+    base, finetuned = random_models(2, 6)
+    one = merge("pcb", base, finetuned, ratio=0.3, variant="vision", lam=[1.0, 1.0])
+    nlp_two = merge("pcb", base, finetuned, ratio=0.3, variant="nlp", lam=2.0)
+    vis_both_two = merge("pcb", base, finetuned, ratio=0.3, variant="vision", lam=[2.0, 2.0])
+    vis_first_two = merge("pcb", base, finetuned, ratio=0.3, variant="vision", lam=[2.0, 1.0])
+    params, groups, stats = _stats(base, finetuned, ratio=0.3, variant="vision")
+    for g in groups:
+        k = g.name
+        clipped, scale = clipped_and_scale(g, params, stats)
+        shape = g.base.shape
+        # nlp and vision share intra and the weighted mean; equal lams act the same way.
+        assert torch.allclose(vis_both_two[k] - base[k], 2 * (one[k] - base[k]), atol=1e-6)
+        # Where only task 0 is kept the weights cancel: theta_0 + lam_0 * T_c,0.
+        only_first = ((scale[0] > 0) & (scale[1] == 0)).reshape(shape)
+        expect = base[k] + 2.0 * clipped[0].reshape(shape)
+        assert torch.allclose(vis_first_two[k][only_first], expect[only_first], atol=1e-6)
+        only_second = ((scale[1] > 0) & (scale[0] == 0)).reshape(shape)
+        expect = base[k] + 1.0 * clipped[1].reshape(shape)
+        assert torch.allclose(vis_first_two[k][only_second], expect[only_second], atol=1e-6)
+    nlp_one = merge("pcb", base, finetuned, ratio=0.3, variant="nlp", lam=1.0)
+    for k in base:
+        assert torch.allclose(nlp_two[k] - base[k], 2 * (nlp_one[k] - base[k]), atol=1e-6)
+
+
+# ---- validation errors ---------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem():
+    base, finetuned = random_models(2, 8)
+    with pytest.raises(ValueError, match="per-task lam"):
+        merge("pcb", base, finetuned, lam=[1.0, 1.0])
+    with pytest.raises(ValueError, match="3 lam values for 2"):
+        merge("pcb", base, finetuned, variant="vision", lam=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="ratio"):
+        merge("pcb", base, finetuned, ratio=0.0)
+    with pytest.raises(ValueError, match="clip"):
+        merge("pcb", base, finetuned, clip=0.5)
+    with pytest.raises(ValueError, match="constant"):
+        merge("pcb", base, [finetuned[0], {k: v.clone() for k, v in base.items()}])
+
+
+def test_any_model_size_matches_official_code_to_the_last_bits():
+    # d = 470: official torch.sum adds the last 22 columns in another order (a last-bit difference).
+    shapes = {"w.a": (13, 7), "b.bias": (5,), "c.conv": (3, 4, 6), "e.long": (302,)}
+    base, finetuned = random_models(5, 9, shapes=shapes)
+    for variant in ["nlp", "vision", "vision_es"]:
+        ours = merge("pcb", base, finetuned, ratio=0.2, variant=variant)
+        ref = official_pcb(base, finetuned, ratio=0.2, variant=variant)
+        for k in ref:
+            assert torch.allclose(ours[k], ref[k], rtol=1e-6, atol=1e-7), (variant, k)
+            if k != "e.long":
+                assert torch.equal(ours[k], ref[k]), (variant, k)
