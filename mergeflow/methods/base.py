@@ -5,6 +5,16 @@ threshold, a min/max, a majority sign). They declare them as `StatPass`es: a fun
 per-task values for one tensor, and the reductions to take over all tensors. The in-memory path
 (`mergeflow.merge`) reduces concatenated values; the streaming engine reduces them in bounded
 memory with exact selection. Both then call the same `merge_tensor`, so they agree bitwise.
+
+Streaming notes (additions, backward compatible):
+- `Reduce("sum")` values may be pre-summed partials (e.g. shape (rows, 1) per tensor): integer sums
+  are exact in any grouping, so the engine may also emit them per chunk of a tensor.
+- `MergeMethod.elementwise` (default False): True, or a function of the hyperparameters, when
+  `merge_tensor` and every StatPass `values` give for each entry a result that depends only on that
+  entry across the models (and the global stats). The engine may then process a large tensor in
+  row chunks (bounded memory), so such methods must avoid reductions whose float rounding depends
+  on where a tensor ends (e.g. `torch.sum(dim=0)` vectorises its tail differently): use
+  `sum_over_tasks`. Non-elementwise methods (per-tensor norms, per-tensor top-k) get whole tensors.
 """
 
 from __future__ import annotations
@@ -30,11 +40,15 @@ class TensorGroup:
     """One tensor name across all models, in float32.
 
     `models` stacks the fine-tuned tensors along dim 0: shape (n, *base.shape).
+    `offset`: where this group starts in the flattened full tensor (the streaming engine passes
+    row chunks of large tensors to elementwise methods; 0 for a whole tensor). Only methods
+    whose result depends on an entry's position (DARE's random masks) need it.
     """
 
     name: str
     base: torch.Tensor
     models: torch.Tensor
+    offset: int = 0
 
     @property
     def n(self) -> int:
@@ -44,6 +58,14 @@ class TensorGroup:
     def deltas(self) -> torch.Tensor:
         """Task vectors tau_i = theta_i - theta_0, shape (n, *shape)."""
         return self.models - self.base
+
+
+def sum_over_tasks(values: torch.Tensor) -> torch.Tensor:
+    """sum_i values[i] added in task order, so every entry's rounding is independent of chunking."""
+    total = values[0].clone()
+    for row in values[1:]:
+        total += row
+    return total
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,11 @@ class MergeMethod:
     stat_passes: tuple[StatPass, ...] = field(default=())
     min_models: int = 1
     max_models: int | None = None
+    elementwise: bool | Callable[[Hyperparams], bool] = False
+
+    def is_elementwise(self, params: Hyperparams) -> bool:
+        """Whether the engine may split tensors into row chunks for these hyperparameters."""
+        return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)
 
     def params(self, **values: object) -> Hyperparams:
         """Validate hyperparameters (pydantic); errors name the field."""

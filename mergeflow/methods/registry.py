@@ -18,6 +18,7 @@ def register(
     stat_passes: tuple[StatPass, ...] = (),
     min_models: int = 1,
     max_models: int | None = None,
+    elementwise: bool | Callable[[Hyperparams], bool] = False,
 ) -> Callable:
     """Decorator: register `fn(group, params, stats) -> Tensor` as merge method `name`."""
 
@@ -33,6 +34,7 @@ def register(
             stat_passes=stat_passes,
             min_models=min_models,
             max_models=max_models,
+            elementwise=elementwise,
         )
         return fn
 

@@ -1,0 +1,132 @@
+"""DARE (Yu et al., ICML 2024): drop delta entries at random, rescale the rest by 1 / (1 - p).
+
+tau~_i = (1 - m_i) * tau_i / (1 - p), m_i ~ Bernoulli(p) per entry, a fresh mask per task.
+- `dare(p, lam, seed)`: DARE + Task Arithmetic, theta = theta_0 + lam * sum_i tau~_i
+  (lam may be a list: theta = theta_0 + sum_i lam_i tau~_i).
+- `dare_ties(p, lam, agg, seed)`: DARE replaces TIES' magnitude trim (mergekit `dare_ties`), then
+  the TIES election (sign of the sum; exact zeros take the whole model's majority sign) and the
+  disjoint aggregation (`agg`, default "sum" as in mergekit / FusionBench), then lam (a list
+  applies per task before the election, as in `ties`).
+
+Masks never depend on scheduling: the mask of task i in tensor `name` is drawn from a generator
+seeded by sha256(seed, name, i), in fixed blocks of MASK_BLOCK entries of the flattened tensor,
+block b seeded by (seed, name, i, b). The streaming engine may process any row range of a tensor
+(`TensorGroup.offset`) and gets the same mask as the in-memory path. Masks are drawn on the CPU
+(the same bits on every device) and moved to the group's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from mergeflow.methods.base import (
+    GlobalStats,
+    Hyperparams,
+    Reduce,
+    StatPass,
+    TensorGroup,
+    sum_over_tasks,
+)
+from mergeflow.methods.registry import register
+from mergeflow.methods.ties import (
+    combine,
+    disjoint_aggregate,
+    elected_sign,
+    resolve_zero_signs,
+    scale_per_task,
+    sign_count_values,
+)
+
+PAPER = "Yu et al., Language Models are Super Mario (DARE), ICML 2024"
+MASK_BLOCK = 1 << 20
+
+
+class DareParams(Hyperparams):
+    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability of each delta entry")
+    lam: float | list[float] = Field(1.0, description="scale of the summed task vectors, or one per task")
+    seed: int = Field(0, description="random seed of the drop masks")
+
+    @field_validator("lam")
+    @classmethod
+    def _non_empty(cls, v: float | list[float]) -> float | list[float]:
+        if isinstance(v, list) and not v:
+            raise ValueError("lam as a list needs one value per fine-tuned model")
+        return v
+
+
+class DareTiesParams(DareParams):
+    agg: Literal["mean", "sum", "max"] = Field("sum", description="disjoint aggregation after the drop")
+
+
+def _block_seed(seed: int, name: str, task: int, block: int) -> int:
+    digest = hashlib.sha256(f"{seed}\0{name}\0{task}\0{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def keep_mask(seed: int, name: str, task: int, numel_total: int, start: int, count: int, p: float) -> torch.Tensor:
+    """Boolean keep mask for entries [start, start + count) of task `task`'s flattened tensor."""
+    del numel_total  # the mask of an entry depends only on its position, not on the tensor size
+    out = torch.empty(count, dtype=torch.bool)
+    pos = start
+    while pos < start + count:
+        block, within = divmod(pos, MASK_BLOCK)
+        take = min(MASK_BLOCK - within, start + count - pos)
+        g = torch.Generator().manual_seed(_block_seed(seed, name, task, block))
+        u = torch.rand(within + take, generator=g)[within:]
+        out[pos - start: pos - start + take] = u >= p
+        pos += take
+    return out
+
+
+def drop_and_rescale(group: TensorGroup, p: float, seed: int) -> torch.Tensor:
+    """tau~ for every task, shape (n, *shape), in float32 on the group's device."""
+    deltas = group.deltas
+    if p == 0.0:
+        return deltas
+    per_task = deltas[0].numel()
+    masks = torch.stack([
+        keep_mask(seed, group.name, i, per_task, group.offset, per_task, p) for i in range(group.n)
+    ]).reshape(deltas.shape).to(deltas.device)
+    return deltas * masks / (1.0 - p)
+
+
+@register(
+    "dare",
+    hyperparams=DareParams,
+    paper=PAPER,
+    summary="random drop (p) and 1/(1-p) rescale of task vectors, then task arithmetic",
+    elementwise=True,
+)
+def dare(group: TensorGroup, params: DareParams, stats: GlobalStats) -> torch.Tensor:
+    tau = drop_and_rescale(group, params.p, params.seed)
+    if isinstance(params.lam, list):
+        return group.base + sum_over_tasks(scale_per_task(tau, params.lam))
+    return group.base + params.lam * sum_over_tasks(tau)
+
+
+def _dropped(group: TensorGroup, params: DareTiesParams) -> torch.Tensor:
+    return scale_per_task(drop_and_rescale(group, params.p, params.seed), params.lam)
+
+
+MAJORITY_PASS = StatPass(
+    values=lambda g, p, s: {"dare_ties_sign": sign_count_values(_dropped(g, p))},
+    reductions=lambda p: {"dare_ties_majority": Reduce("dare_ties_sign", "sum")},
+)
+
+
+@register(
+    "dare_ties",
+    hyperparams=DareTiesParams,
+    paper=PAPER,
+    summary="DARE drop + rescale instead of the TIES trim, then TIES sign election and disjoint merge",
+    stat_passes=(MAJORITY_PASS,),
+    elementwise=True,
+)
+def dare_ties(group: TensorGroup, params: DareTiesParams, stats: GlobalStats) -> torch.Tensor:
+    tau = _dropped(group, params)
+    gamma = resolve_zero_signs(elected_sign(tau), stats["dare_ties_majority"])
+    return combine(group.base, disjoint_aggregate(tau, gamma, params.agg), params.lam)

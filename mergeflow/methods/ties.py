@@ -1,0 +1,188 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023), with the official code's exact semantics.
+
+For each task vector tau_i (float tensors only, computed in float32):
+1. Trim. `trim_scope="global"` (official, default): over task i's whole-model flattened vector
+   (length d), with kk = d - int(d * k), keep every entry with |tau_ij| >= the kk-th smallest
+   |tau_i| (entries tied at the threshold are all kept; kk = 0, i.e. k = 1, keeps everything).
+   As in the official code this keeps int(d * k) + 1 entries when there are no ties.
+   `trim_scope="tensor"` (mergekit's per-tensor variant): the same rule inside each tensor with
+   int(k * numel) kept (ties at the threshold kept too; int(k * numel) = 0 keeps nothing, where
+   mergekit refuses).
+2. Elect. gamma_j = sign(sum_i trimmed_ij) ("mass"); entries where gamma_j = 0 take the majority
+   sign sign(sum_j gamma_j) over the whole model (all float tensors).
+3. Disjoint aggregation over the entries that agree with gamma_j and are non-zero:
+   "mean" divides by their count (clamped to 1), "sum" adds them, "max" takes the largest
+   magnitude times gamma_j.
+4. theta = theta_0 + lam * tau_m.
+
+Per-task coefficients: `lam` may be a list with one value per fine-tuned model. Then task i's
+trimmed vector is multiplied by lam[i] *after the trim and before the sign election*
+(mergekit applies its per-model `weight` at the same point), and the aggregate is not scaled
+again: theta = theta_0 + disjoint_agg(lam_i * trimmed_i). Trimming is unaffected by lam (a
+positive scale does not change a task's ranking). With equal positive lam_i = c this equals the
+scalar form c * disjoint_agg(trimmed) up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from mergeflow.methods.base import (
+    GlobalStats,
+    Hyperparams,
+    Reduce,
+    StatPass,
+    TensorGroup,
+    sum_over_tasks,
+)
+from mergeflow.methods.registry import register
+
+PAPER = "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023"
+
+Agg = Literal["mean", "sum", "max"]
+
+
+class TiesParams(Hyperparams):
+    k: float = Field(0.2, ge=0.0, le=1.0, description="fraction of each task vector kept by the trim")
+    lam: float | list[float] = Field(
+        1.0, description="scale of the merged task vector, or one coefficient per task (applied "
+        "to the trimmed task vectors before sign election)")
+    agg: Agg = Field("mean", description="disjoint aggregation: mean, sum or max")
+    trim_scope: Literal["global", "tensor"] = Field(
+        "global", description="global: top-k over each task's whole model (official); "
+        "tensor: top int(k*numel) per tensor (mergekit)")
+    elect: Literal["mass"] = Field("mass", description="sign election: sign of the summed trimmed values")
+
+    @field_validator("lam")
+    @classmethod
+    def _non_empty(cls, v: float | list[float]) -> float | list[float]:
+        if isinstance(v, list) and not v:
+            raise ValueError("lam as a list needs one value per fine-tuned model")
+        return v
+
+
+# ---- shared building blocks (DARE-TIES reuses the election and aggregation) ----
+
+def kept_rank(d: int, k: float) -> int:
+    """1-based rank of the trim threshold among d magnitudes: kk = d - int(d * k), at least 1.
+
+    kk = 0 (keep everything) is served by rank 1: every magnitude is >= the smallest one.
+    """
+    return max(1, d - int(d * k))
+
+
+def trim_global(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Keep entries with |tau| >= the task's threshold; thresholds has one value per task."""
+    shape = (-1,) + (1,) * (deltas.dim() - 1)
+    return deltas * (deltas.abs() >= thresholds.reshape(shape))
+
+
+def trim_per_tensor(deltas: torch.Tensor, k: float) -> torch.Tensor:
+    """mergekit's per-tensor trim: int(k * numel) kept per task, ties at the threshold kept."""
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    numel = flat.shape[1]
+    kept = int(k * numel)
+    if kept == 0:
+        return torch.zeros_like(deltas)
+    mags = flat.abs()
+    thresholds = mags.kthvalue(numel - kept + 1, dim=1, keepdim=True).values if kept < numel else None
+    if thresholds is None:
+        return deltas.clone()
+    return (flat * (mags >= thresholds)).reshape(deltas.shape)
+
+
+def scale_per_task(trimmed: torch.Tensor, lam: float | list[float]) -> torch.Tensor:
+    """Multiply task i by lam[i] (list form only); checks the list length."""
+    if not isinstance(lam, list):
+        return trimmed
+    if len(lam) != trimmed.shape[0]:
+        raise ValueError(f"lam has {len(lam)} values but there are {trimmed.shape[0]} fine-tuned models")
+    coeffs = torch.tensor(lam, dtype=trimmed.dtype, device=trimmed.device)
+    return trimmed * coeffs.reshape((-1,) + (1,) * (trimmed.dim() - 1))
+
+
+def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
+    """gamma = sign of the sum over tasks (0 where it is exactly zero)."""
+    return torch.sign(sum_over_tasks(trimmed))
+
+
+def sign_count_values(trimmed: torch.Tensor) -> torch.Tensor:
+    """This tensor's contribution to sum_j gamma_j, as a (1, 1) int64 (exact, order-free)."""
+    return elected_sign(trimmed).to(torch.int64).sum().reshape(1, 1)
+
+
+def resolve_zero_signs(gamma: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
+    """Entries with gamma = 0 take the whole model's majority sign."""
+    majority_sign = torch.sign(majority.to(torch.float32)).to(gamma.device).reshape(())
+    return torch.where(gamma == 0, majority_sign, gamma)
+
+
+def disjoint_aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, agg: str) -> torch.Tensor:
+    """Aggregate the entries agreeing with gamma (gamma > 0: positive ones, else negative ones)."""
+    keep = torch.where(gamma > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    if agg == "mean":
+        count = (selected != 0).sum(dim=0).to(torch.float32)
+        return sum_over_tasks(selected) / count.clamp(min=1)
+    if agg == "sum":
+        return sum_over_tasks(selected)
+    if agg == "max":
+        return selected.abs().amax(dim=0) * gamma
+    raise ValueError(f"unknown agg {agg!r}; use mean, sum or max")
+
+
+def combine(base: torch.Tensor, tau_m: torch.Tensor, lam: float | list[float]) -> torch.Tensor:
+    """theta_0 + lam * tau_m (scalar lam); per-task lam was applied before the election."""
+    if isinstance(lam, list):
+        return base + tau_m
+    return base + lam * tau_m
+
+
+# ---- the method ----
+
+def _trimmed(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> torch.Tensor:
+    deltas = group.deltas
+    if params.trim_scope == "global":
+        trimmed = trim_global(deltas, stats["ties_threshold"].to(deltas.device))
+    else:
+        trimmed = trim_per_tensor(deltas, params.k)
+    return scale_per_task(trimmed, params.lam)
+
+
+def _magnitudes(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
+    if params.trim_scope != "global":
+        return {}
+    return {"ties_abs_tau": group.deltas.abs().reshape(group.n, -1)}
+
+
+def _thresholds(params: TiesParams) -> dict[str, Reduce]:
+    if params.trim_scope != "global":
+        return {}
+    k = params.k
+    return {"ties_threshold": Reduce("ties_abs_tau", "kth", rank=lambda d: kept_rank(d, k))}
+
+
+def _signs(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
+    return {"ties_sign": sign_count_values(_trimmed(group, params, stats))}
+
+
+TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds)
+MAJORITY_PASS = StatPass(values=_signs, reductions=lambda p: {"ties_majority": Reduce("ties_sign", "sum")})
+
+
+@register(
+    "ties",
+    hyperparams=TiesParams,
+    paper=PAPER,
+    summary="trim each task vector to its top-k (whole model), elect signs by mass, disjoint mean",
+    stat_passes=(TRIM_PASS, MAJORITY_PASS),
+    elementwise=lambda p: p.trim_scope == "global",
+)
+def ties(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> torch.Tensor:
+    trimmed = _trimmed(group, params, stats)
+    gamma = resolve_zero_signs(elected_sign(trimmed), stats["ties_majority"])
+    return combine(group.base, disjoint_aggregate(trimmed, gamma, params.agg), params.lam)
