@@ -1,0 +1,224 @@
+"""AdaMerging: learn merging coefficients by minimising prediction entropy on unlabelled data.
+
+Official semantics (reference/algorithms.md section 5), every one a field of `AdaMergingConfig`:
+coefficients start at 0.3 and are clamped to [0, 1] in the forward pass; Adam (lr 1e-3, betas
+(0.9, 0.999), no weight decay); 500 steps; each step draws, for every task, a fresh shuffle of its
+unlabelled samples and takes 2 batches of 16; the loss is the SUM over tasks and batches of the
+batch-mean entropy of that task's frozen head; one optimizer step per iteration.
+
+How a step runs: theta(lambda) is built once from the device-resident base and task vectors
+(`DifferentiableMerge`); the encoder runs on it through `torch.func.functional_call` (no module
+copy). Each batch's loss is back-propagated to a detached copy of theta right away, so only one
+batch's activations are alive at a time; one final backward carries the accumulated
+d loss / d theta to lambda. The gradient is the same as back-propagating the summed loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from mergeflow.adamerging.coefficients import Coefficients, Mode, clamp_coefficients, initial_raw
+from mergeflow.adamerging.entropy import mean_entropy
+from mergeflow.adamerging.merged_params import DifferentiableMerge
+from mergeflow.adamerging.ties_filter import ties_selected_task_vectors
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class AdaMergingConfig(BaseModel):
+    """Tuning settings; the defaults are the official ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode = Field("layer_wise", description="task_wise: one coefficient per task; layer_wise: one per task per tensor")
+    ties_filter: bool = Field(False, description="AdaMerging++: tune on TIES-selected task vectors")
+    ties_k: float = Field(0.2, gt=0, le=1, description="AdaMerging++ trim: kept fraction per task (whole model)")
+    prior: float = Field(0.3, description="initial value of every coefficient")
+    steps: int = Field(500, ge=0, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    batch_size: int = Field(16, ge=1, description="unlabelled samples per batch per task")
+    batches_per_step: int = Field(2, ge=1, description="batches per task per step")
+    clamp_min: float | None = Field(0.0, description="forward-pass clamp; None disables the bound")
+    clamp_max: float | None = Field(1.0, description="forward-pass clamp; None disables the bound")
+    task_vector_dtype: Literal["float32", "bfloat16"] = Field("float32", description="storage of the task vectors")
+    seed: int = Field(0, description="seeds the per-step shuffles")
+
+    @property
+    def variant(self) -> str:
+        return "adamerging++" if self.ties_filter else "adamerging"
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    coefficients: Coefficients
+    loss: list[float]  # per step: the optimised loss (sum over tasks and batches), before the update
+    task_entropy: dict[str, list[float]]  # per step and task: mean entropy over its batches
+
+
+def hf_pooled_features(output: Any) -> torch.Tensor:
+    """Features of a Hugging Face encoder output: the pooler output (BERT's [CLS] dense+tanh,
+    what *ForSequenceClassification feeds its classifier), else the first token's hidden state."""
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is not None:
+        return pooled
+    return output.last_hidden_state[:, 0]
+
+
+def default_features(output: Any) -> torch.Tensor:
+    """A tensor output is the feature vector (the zoo ViT); HF outputs use `hf_pooled_features`."""
+    return output if isinstance(output, torch.Tensor) else hf_pooled_features(output)
+
+
+def merged_parameter_names(encoder: nn.Module) -> list[str]:
+    """The tensors AdaMerging merges: the encoder's float parameters, in `named_parameters` order
+    (the official code's order; tied parameters appear once)."""
+    return [n for n, p in encoder.named_parameters() if p.is_floating_point()]
+
+
+def tune_coefficients(
+    encoder: nn.Module,
+    task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
+    heads: Mapping[str, nn.Module],
+    unlabelled: Mapping[str, Inputs],
+    config: AdaMergingConfig | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    features: Callable[[Any], torch.Tensor] = default_features,
+    metadata: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float, dict[str, float]], None] | None = None,
+) -> TuneResult:
+    """Learn AdaMerging coefficients.
+
+    encoder: the pretrained encoder (its parameters are theta_0; it is moved to `device`, put in
+        eval mode and never modified otherwise). task_vectors: {task: {param name: tau}} for every
+        float parameter. heads: {task: frozen head} mapping features to logits. unlabelled:
+        {task: inputs} (a tensor, or a dict of tensors such as input_ids/attention_mask) with
+        samples along dim 0. Tasks are ordered as in `task_vectors`.
+    """
+    config = config or AdaMergingConfig()
+    tasks = list(task_vectors)
+    _check_tasks(tasks, heads, unlabelled, config)
+    device = torch.device(device)
+    # Move first, so theta_0 in `merge` shares the module's device storage (held once).
+    encoder.to(device).eval().requires_grad_(False)
+    names = merged_parameter_names(encoder)
+    params = dict(encoder.named_parameters())
+    tvs = [task_vectors[t] for t in tasks]
+    if config.ties_filter:
+        tvs = ties_selected_task_vectors(tvs, k=config.ties_k)
+    merge = DifferentiableMerge(
+        {n: params[n] for n in names}, tvs, device=device,
+        task_vector_dtype=_DTYPES[config.task_vector_dtype],
+    )
+    del tvs
+    heads = {t: heads[t].to(device).eval().requires_grad_(False) for t in tasks}
+
+    raw = nn.Parameter(initial_raw(config.mode, len(tasks), len(names), config.prior).to(device))
+    optimizer = torch.optim.Adam(
+        [raw], lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    loss_curve: list[float] = []
+    task_curves: dict[str, list[float]] = {t: [] for t in tasks}
+    bar = tqdm(range(config.steps), desc=f"{config.variant} ({config.mode})", disable=not progress)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        per_task = _step(encoder, merge, raw, heads, unlabelled, config, generator, device, features)
+        total = sum(per_task.values())
+        optimizer.step()
+        loss_curve.append(total)
+        for t in tasks:
+            task_curves[t].append(per_task[t] / _n_batches(unlabelled[t], config))
+        bar.set_postfix(loss=f"{total:.4f}")
+        if on_step is not None:
+            on_step(step, total, {t: task_curves[t][-1] for t in tasks})
+
+    values = clamp_coefficients(raw.detach(), config.clamp_min, config.clamp_max).cpu()
+    meta = {"variant": config.variant, "config": config.model_dump(mode="json"), **(metadata or {})}
+    coefficients = Coefficients(
+        mode=config.mode, task_names=tuple(tasks), tensor_names=tuple(names),
+        values=values.contiguous(), raw=raw.detach().cpu().contiguous(), metadata=meta,
+    )
+    return TuneResult(coefficients, loss_curve, task_curves)
+
+
+def _step(encoder, merge, raw, heads, unlabelled, config, generator, device, features) -> dict[str, float]:
+    """One AdaMerging iteration's forward/backward; leaves d loss / d raw in raw.grad."""
+    coefs = clamp_coefficients(raw, config.clamp_min, config.clamp_max)
+    merged = merge.merged(coefs)
+    # Leaves that collect d loss / d theta batch by batch (activations freed after each batch).
+    leaves = {n: t.detach().requires_grad_(True) for n, t in merged.items()}
+    losses: dict[str, torch.Tensor] = {}
+    for task, head in heads.items():
+        inputs = unlabelled[task]
+        for idx in _batch_indices(_length(inputs), config, generator):
+            batch = _to_device(_index(inputs, idx), device)
+            out = _call(encoder, leaves, batch)
+            loss = mean_entropy(head(features(out)))
+            loss.backward()
+            losses[task] = losses.get(task, 0.0) + loss.detach()
+    torch.autograd.backward(list(merged.values()), [leaves[n].grad for n in merged])
+    return {t: float(v) for t, v in losses.items()}
+
+
+def _call(encoder: nn.Module, params: dict[str, torch.Tensor], batch: Inputs):
+    if isinstance(batch, torch.Tensor):
+        return functional_call(encoder, params, (batch,))
+    return functional_call(encoder, params, (), dict(batch))
+
+
+def _batch_indices(n: int, config: AdaMergingConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    """The official loader: a fresh shuffle, batches 0 .. batches_per_step-1 of size batch_size."""
+    perm = torch.randperm(n, generator=generator)
+    starts = range(0, min(n, config.batch_size * config.batches_per_step), config.batch_size)
+    return [perm[s : s + config.batch_size] for s in starts]
+
+
+def _n_batches(inputs: Inputs, config: AdaMergingConfig) -> int:
+    n = _length(inputs)
+    return min(config.batches_per_step, -(-n // config.batch_size))
+
+
+def _length(inputs: Inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    return next(iter(inputs.values())).shape[0]
+
+
+def _index(inputs: Inputs, idx: torch.Tensor) -> Inputs:
+    if isinstance(inputs, torch.Tensor):
+        return inputs[idx]
+    return {k: v[idx] for k, v in inputs.items()}
+
+
+def _to_device(batch: Inputs, device: torch.device) -> Inputs:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _check_tasks(tasks, heads, unlabelled, config: AdaMergingConfig) -> None:
+    if not tasks:
+        raise ValueError("AdaMerging needs at least one task vector")
+    for what, mapping in (("heads", heads), ("unlabelled", unlabelled)):
+        missing = [t for t in tasks if t not in mapping]
+        if missing:
+            raise ValueError(f"{what} has no entry for task(s) {missing}; tasks: {tasks}")
+    for t in tasks:
+        inputs = unlabelled[t]
+        lengths = {int(v.shape[0]) for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"unlabelled inputs of task {t!r} must be non-empty with one sample count, got {lengths}")
