@@ -1,16 +1,21 @@
-"""Task Arithmetic: theta = theta_0 + lam * sum_i tau_i (a sum, not a mean; lam = 1/n is averaging)."""
+"""Task Arithmetic: theta = theta_0 + lam * sum_i tau_i (a sum, not a mean; lam = 1/n is averaging).
+
+Per-task coefficients (what a coefficient search tunes): `lam` may be a list with one value per
+fine-tuned model, then theta = theta_0 + sum_i lam_i * tau_i.
+"""
 
 from __future__ import annotations
 
 import torch
 from pydantic import Field
 
-from mergeflow.methods.base import GlobalStats, Hyperparams, TensorGroup
+from mergeflow.methods.base import GlobalStats, Hyperparams, TensorGroup, sum_over_tasks
 from mergeflow.methods.registry import register
 
 
 class TaskArithmeticParams(Hyperparams):
-    lam: float = Field(0.3, description="scale of the summed task vectors")
+    lam: float | list[float] = Field(
+        0.3, description="scale of the summed task vectors, or one coefficient per task")
 
 
 @register(
@@ -18,8 +23,19 @@ class TaskArithmeticParams(Hyperparams):
     hyperparams=TaskArithmeticParams,
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
     summary="base + lam * sum of task vectors",
+    elementwise=True,
 )
 def task_arithmetic(
     group: TensorGroup, params: TaskArithmeticParams, stats: GlobalStats
 ) -> torch.Tensor:
-    return group.base + params.lam * group.deltas.sum(dim=0)
+    if not isinstance(params.lam, list):
+        # Summed in task order so every entry rounds the same way in whole tensors and in the
+        # streaming engine's row chunks (torch.sum(dim=0) vectorises a tensor's tail differently).
+        return group.base + params.lam * sum_over_tasks(group.deltas)
+    if len(params.lam) != group.n:
+        raise ValueError(f"task_arithmetic got {len(params.lam)} lam values for {group.n} fine-tuned models")
+    deltas = group.deltas
+    merged = group.base.clone()
+    for lam_i, tau_i in zip(params.lam, deltas, strict=True):
+        merged += lam_i * tau_i
+    return merged
