@@ -183,3 +183,28 @@ def test_pip_packaged_minilm():
     assert Path(ref.path) == Path(gt.get_model_path()).resolve()
     assert ref.n_tensors > 100 and 80e6 < ref.nbytes < 100e6  # 22.7M float32 params
     assert len(ref.content_hash) == 64
+
+
+# ---- the Prefect task's cache key (the flow tests run it under the Prefect harness) ----
+
+def test_fetch_task_cache_key_follows_the_files(tmp_path):
+    pytest.importorskip("prefect")
+    from tasks.fetch import fetch_cache_key, fetch_checkpoint
+
+    path = save_checkpoint(_state(0), tmp_path / "m")
+    params = {"ref": str(path), "allow_pickle": False, "trust_remote_code": False, "base_dir": None}
+    key = fetch_cache_key(None, params)
+    assert key == fetch_cache_key(None, dict(params))
+    assert fetch_cache_key(None, {**params, "allow_pickle": True}) != key
+    assert fetch_cache_key(None, {**params, "ref": "m", "base_dir": str(tmp_path)}) != key  # another ref
+
+    save_checkpoint(_state(1), tmp_path / "new")
+    os.replace(tmp_path / "new" / "model.safetensors", path / "model.safetensors")
+    st = (path / "model.safetensors").stat()
+    os.utime(path / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert fetch_cache_key(None, params) != key  # rewritten weights: a new key, so a re-hash
+
+    assert fetch_cache_key(None, {**params, "ref": "hf://acme/not-cached@main"}) is None
+    assert fetch_cache_key(None, {**params, "ref": str(tmp_path / "gone")}) is None
+    ref = fetch_checkpoint.fn(str(path))
+    assert ref.content_hash == hash_checkpoint(path) and ref.n_tensors == 3
