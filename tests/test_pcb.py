@@ -274,3 +274,31 @@ def test_any_model_size_matches_official_code_to_the_last_bits():
             assert torch.allclose(ours[k], ref[k], rtol=1e-6, atol=1e-7), (variant, k)
             if k != "e.long":
                 assert torch.equal(ours[k], ref[k]), (variant, k)
+
+
+# ---- streaming engine == in-memory ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,dtype", [("nlp", torch.float32), ("vision_es", torch.bfloat16)])
+def test_streaming_engine_matches_in_memory(tmp_path, variant, dtype):
+    from mergeflow.checkpoint import load_state_dict
+    from mergeflow.checkpoint_writer import save_checkpoint
+    from mergeflow.engine import merge_checkpoints
+
+    shapes = {"w.a": (13, 7), "b.bias": (5,), "c.conv": (3, 4, 6), "e.long": (40, 9)}
+    base, finetuned = random_models(3, 12, shapes=shapes)
+    base = {k: v.to(dtype) for k, v in base.items()}
+    finetuned = [{k: v.to(dtype) for k, v in sd.items()} for sd in finetuned]
+    save_checkpoint(base, tmp_path / "base")
+    for i, sd in enumerate(finetuned):
+        save_checkpoint(sd, tmp_path / f"ft{i}")
+    hp = {"ratio": 0.1, "variant": variant, "lam": 1.0 if variant == "nlp" else [0.9, 1.2, 1.0]}
+    # chunk_elems = 50 splits the larger tensors into row chunks (the engine's bounded-memory units)
+    merge_checkpoints("pcb", tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)], tmp_path / "out",
+                      hp, progress=False, chunk_elems=50, workers=2, input_hashes=["0"] * 4)
+    streamed = load_state_dict(tmp_path / "out")
+    in_memory = merge("pcb", base, finetuned, **hp)
+    assert sorted(streamed) == sorted(in_memory)
+    for k in in_memory:
+        assert streamed[k].dtype == dtype
+        assert torch.equal(streamed[k], in_memory[k]), k

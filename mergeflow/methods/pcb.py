@@ -19,6 +19,11 @@ Per task i (row of T = stacked task vectors, d = number of scalars in the model)
    vision: theta = theta_0 + sum_i scale_i (lam_i T_c,i) / max(sum_i scale_i, 1e-12)
    Entries where every scale is 0 stay at the base.
 
+Sums over tasks use `sum_over_tasks` (task order): torch.sum(dim=0) in the official code adds
+the last d mod 32 columns of the flattened model in another order, so results equal the official
+code bitwise except possibly in the last bit of those few entries; and they do not depend on
+tensor boundaries or on the engine's row chunks (PCB is elementwise once the stats are known).
+
 Where the official code would divide by zero (a task whose clipped |tau| is constant, e.g. a
 fine-tune equal to the base; or a score row whose kept part is all one value) it silently returns
 NaN for the whole model; here that is an error that says so.
@@ -31,7 +36,14 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from mergeflow.methods.base import GlobalStats, Hyperparams, Reduce, StatPass, TensorGroup
+from mergeflow.methods.base import (
+    GlobalStats,
+    Hyperparams,
+    Reduce,
+    StatPass,
+    TensorGroup,
+    sum_over_tasks,
+)
 from mergeflow.methods.registry import register
 
 # Names of the global statistics (Tensor(n) each) the stat passes produce.
@@ -92,21 +104,6 @@ def score_cut_rank(d: int, ratio: float) -> int:
 
 def _rows(group: TensorGroup) -> torch.Tensor:
     return group.deltas.reshape(group.n, -1)
-
-
-def sum_over_tasks(values: torch.Tensor) -> torch.Tensor:
-    """sum_i values[i], added in task order.
-
-    torch.sum(dim=0) adds rows in order too, except for the last few columns of a row (its
-    vectorised tail), which it adds in another order; which columns those are depends on where a
-    tensor ends. An explicit order makes the result independent of tensor boundaries and chunking
-    (streaming == in-memory), and equal to the official flattened code everywhere but in the last
-    d mod 32 scalars of the whole model, where they may differ in the last bit.
-    """
-    total = values[0].clone()
-    for row in values[1:]:
-        total += row
-    return total
 
 
 def _column(stats: GlobalStats, name: str) -> torch.Tensor:
@@ -224,6 +221,7 @@ PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions), StatPass(_score_val
     summary="intra/inter-task balancing scores over the whole model, drop, weighted mean",
     stat_passes=PCB_STAT_PASSES,
     min_models=1,
+    elementwise=True,
 )
 def pcb(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
     check_score_stats(stats)
