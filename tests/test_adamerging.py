@@ -137,8 +137,10 @@ def test_plus_plus_zero_steps_is_ties_sum_at_0_3(tmp_path):
     assert coefs.metadata["variant"] == "adamerging++"
     ours = apply_coefficients(base, [tvs[t] for t in TASKS], coefs)
     expected = _ties_dis_sum(base, [tvs[t] for t in TASKS], k=0.2, lam=0.3)
+    ties = mergeflow.merge("ties", base, experts, k=0.2, lam=0.3, agg="sum")
     for k in base:
         torch.testing.assert_close(ours[k], expected[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours[k], ties[k], rtol=1e-6, atol=1e-7)
     path = coefs.save(tmp_path / "pp.safetensors")
     via_registry = mergeflow.merge("adamerging", base, experts, coefficients=str(path))
     assert all(torch.equal(via_registry[k], ours[k]) for k in base)

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from mergeflow.adamerging.apply import apply_coefficients  # noqa: F401
     from mergeflow.adamerging.coefficients import Coefficients, clamp_coefficients  # noqa: F401
+    from mergeflow.adamerging.config import AdaMergingConfig  # noqa: F401
     from mergeflow.adamerging.entropy import mean_entropy, softmax_entropy  # noqa: F401
     from mergeflow.adamerging.merged_params import DifferentiableMerge  # noqa: F401
     from mergeflow.adamerging.ties_filter import ties_selected_task_vectors  # noqa: F401
     from mergeflow.adamerging.tune import (  # noqa: F401
-        AdaMergingConfig,
         TuneResult,
         default_features,
         hf_pooled_features,
@@ -37,7 +37,7 @@ _LAZY = {
     "softmax_entropy": "mergeflow.adamerging.entropy",
     "DifferentiableMerge": "mergeflow.adamerging.merged_params",
     "ties_selected_task_vectors": "mergeflow.adamerging.ties_filter",
-    "AdaMergingConfig": "mergeflow.adamerging.tune",
+    "AdaMergingConfig": "mergeflow.adamerging.config",
     "TuneResult": "mergeflow.adamerging.tune",
     "default_features": "mergeflow.adamerging.tune",
     "hf_pooled_features": "mergeflow.adamerging.tune",

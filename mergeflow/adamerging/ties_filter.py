@@ -1,14 +1,12 @@
 """AdaMerging++'s task vectors: each task keeps only its TIES-selected entries.
 
-Exactly TIES' first two steps (reference/algorithms.md section 2): trim every task vector to its
-top-k fraction by magnitude over the WHOLE model (ties at the threshold kept), elect each entry's
-sign by mass (sign of the sum of the trimmed values; zeros get the model-wide majority sign),
-then keep, per task, only the trimmed entries whose sign agrees with the elected one
-(`ties_merging_split`'s `selected_entries`). Summing them and scaling by 0.3 is TIES with
-`dis-sum` at lambda 0.3, AdaMerging++'s starting point.
-
-The per-tensor functions here are shared by tuning (`ties_selected_task_vectors`) and by the
-registered `adamerging` merge method, so both select exactly the same entries.
+Exactly TIES' first two steps (reference/algorithms.md section 2), computed by the TIES method's
+own building blocks (`mergeflow.methods.ties`): trim every task vector to its top-k fraction by
+magnitude over the WHOLE model (ties at the threshold kept), elect each entry's sign by mass
+(sign of the summed trimmed values; zeros take the model-wide majority sign), then keep, per
+task, only the trimmed entries whose sign agrees with the elected one (`ties_merging_split`'s
+`selected_entries`). Their sum scaled by 0.3 is TIES with `dis-sum` at lambda 0.3, which is
+AdaMerging++'s starting point.
 """
 
 from __future__ import annotations
@@ -17,58 +15,50 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-
-def trim_rank(d: int, k: float) -> int:
-    """1-based rank of the trim threshold in a task's |tau| over d entries: d - int(d * k)."""
-    return d - int(d * k)
-
-
-def trimmed(stack: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Zero every entry of the (n, *shape) stack below its task's threshold (>= is kept)."""
-    return stack * (stack.abs() >= thresholds.view(-1, *([1] * (stack.dim() - 1))))
+from mergeflow.methods.base import GlobalStats, TensorGroup
+from mergeflow.methods.ties import (
+    TiesParams,
+    elected_sign,
+    resolve_zero_signs,
+    trim_global,
+)
 
 
-def elected_sign(trimmed_stack: torch.Tensor) -> torch.Tensor:
-    """Sign of the summed trimmed values (0 where they cancel or are all zero)."""
-    return torch.sign(trimmed_stack.sum(0))
+def ties_selection_params(k: float) -> TiesParams:
+    """The TIES settings whose global statistics (trim thresholds, majority sign) ++ needs."""
+    return TiesParams(k=k, lam=1.0, agg="sum", trim_scope="global", elect="mass")
 
 
-def selected_entries(trimmed_stack: torch.Tensor, majority_sign: torch.Tensor) -> torch.Tensor:
-    """Per task, the trimmed entries agreeing with the elected sign (zero-sign -> majority)."""
-    sign = elected_sign(trimmed_stack)
-    sign = torch.where(sign == 0, majority_sign.to(sign.dtype), sign)
-    return trimmed_stack * torch.where(sign > 0, trimmed_stack > 0, trimmed_stack < 0)
+def selected_entries(deltas: torch.Tensor, stats: GlobalStats) -> torch.Tensor:
+    """(n, *shape) task vectors -> each task's trimmed entries agreeing with the elected sign.
+
+    `stats` holds TIES' `ties_threshold` and `ties_majority` for the whole model."""
+    trimmed = trim_global(deltas, stats["ties_threshold"].to(deltas.device))
+    gamma = resolve_zero_signs(elected_sign(trimmed), stats["ties_majority"])
+    # The same agreement rule as TIES' disjoint merge: gamma > 0 keeps positives, else negatives.
+    return trimmed * torch.where(gamma > 0, trimmed > 0, trimmed < 0)
 
 
 def ties_selected_task_vectors(
     task_vectors: Sequence[Mapping[str, torch.Tensor]], k: float = 0.2
 ) -> list[dict[str, torch.Tensor]]:
     """Per task {name: selected entries} (float32), same names as the input."""
+    from mergeflow.merging import global_stats
+    from mergeflow.methods import get_method
+
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k is the kept fraction and must be in (0, 1], got {k}")
     names = list(task_vectors[0])
 
-    def stack(name: str) -> torch.Tensor:
-        return torch.stack([tv[name].detach().to(torch.float32) for tv in task_vectors])
+    def group(name: str) -> TensorGroup:
+        # base 0, models = tau: the group's deltas are the task vectors exactly.
+        stack = torch.stack([tv[name].detach().to(torch.float32) for tv in task_vectors])
+        return TensorGroup(name=name, base=torch.zeros_like(stack[0]), models=stack)
 
-    thresholds = trim_thresholds([stack(n) for n in names], k)
-    sign_total = torch.zeros((), dtype=torch.int64)
-    for name in names:
-        sign_total += elected_sign(trimmed(stack(name), thresholds)).to(torch.int64).sum()
-    majority = torch.sign(sign_total).to(torch.float32)
+    stats = global_stats(get_method("ties"), ties_selection_params(k), (group(n) for n in names))
     out: list[dict[str, torch.Tensor]] = [{} for _ in task_vectors]
     for name in names:
-        selected = selected_entries(trimmed(stack(name), thresholds), majority)
+        selected = selected_entries(group(name).deltas, stats)
         for i in range(len(task_vectors)):
             out[i][name] = selected[i]
     return out
-
-
-def trim_thresholds(stacks: Sequence[torch.Tensor], k: float) -> torch.Tensor:
-    """Per task, the trim_rank-th smallest |tau| over the whole model (all tensors), shape (n,)."""
-    n = stacks[0].shape[0]
-    flat = torch.cat([s.abs().reshape(n, -1) for s in stacks], dim=1)
-    rank = trim_rank(flat.shape[1], k)
-    if rank < 1:  # k = 1 keeps everything
-        return torch.full((n,), float("-inf"))
-    return flat.kthvalue(rank, dim=1).values

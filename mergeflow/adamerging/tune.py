@@ -17,47 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from mergeflow.adamerging.coefficients import Coefficients, Mode, clamp_coefficients, initial_raw
+from mergeflow.adamerging.coefficients import Coefficients, clamp_coefficients, initial_raw
+from mergeflow.adamerging.config import TASK_VECTOR_DTYPES, AdaMergingConfig
 from mergeflow.adamerging.entropy import mean_entropy
 from mergeflow.adamerging.merged_params import DifferentiableMerge
 from mergeflow.adamerging.ties_filter import ties_selected_task_vectors
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class AdaMergingConfig(BaseModel):
-    """Tuning settings; the defaults are the official ones."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Mode = Field("layer_wise", description="task_wise: one coefficient per task; layer_wise: one per task per tensor")
-    ties_filter: bool = Field(False, description="AdaMerging++: tune on TIES-selected task vectors")
-    ties_k: float = Field(0.2, gt=0, le=1, description="AdaMerging++ trim: kept fraction per task (whole model)")
-    prior: float = Field(0.3, description="initial value of every coefficient")
-    steps: int = Field(500, ge=0, description="optimizer steps")
-    lr: float = Field(1e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    batch_size: int = Field(16, ge=1, description="unlabelled samples per batch per task")
-    batches_per_step: int = Field(2, ge=1, description="batches per task per step")
-    clamp_min: float | None = Field(0.0, description="forward-pass clamp; None disables the bound")
-    clamp_max: float | None = Field(1.0, description="forward-pass clamp; None disables the bound")
-    task_vector_dtype: Literal["float32", "bfloat16"] = Field("float32", description="storage of the task vectors")
-    seed: int = Field(0, description="seeds the per-step shuffles")
-
-    @property
-    def variant(self) -> str:
-        return "adamerging++" if self.ties_filter else "adamerging"
 
 
 @dataclass(frozen=True)
@@ -121,7 +94,7 @@ def tune_coefficients(
         tvs = ties_selected_task_vectors(tvs, k=config.ties_k)
     merge = DifferentiableMerge(
         {n: params[n] for n in names}, tvs, device=device,
-        task_vector_dtype=_DTYPES[config.task_vector_dtype],
+        task_vector_dtype=TASK_VECTOR_DTYPES[config.task_vector_dtype],
     )
     del tvs
     heads = {t: heads[t].to(device).eval().requires_grad_(False) for t in tasks}
@@ -147,7 +120,7 @@ def tune_coefficients(
             on_step(step, total, {t: task_curves[t][-1] for t in tasks})
 
     values = clamp_coefficients(raw.detach(), config.clamp_min, config.clamp_max).cpu()
-    meta = {"variant": config.variant, "config": config.model_dump(mode="json"), **(metadata or {})}
+    meta = {"variant": config.variant, "config": config.tuning_fields(), **(metadata or {})}
     coefficients = Coefficients(
         mode=config.mode, task_names=tuple(tasks), tensor_names=tuple(names),
         values=values.contiguous(), raw=raw.detach().cpu().contiguous(), metadata=meta,

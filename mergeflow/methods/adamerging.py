@@ -12,22 +12,37 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from mergeflow.adamerging.coefficients import Coefficients
-from mergeflow.adamerging.ties_filter import elected_sign, selected_entries, trim_rank, trimmed
-from mergeflow.methods.base import GlobalStats, Hyperparams, Reduce, StatPass, TensorGroup
+from mergeflow.adamerging.config import AdaMergingConfig
+from mergeflow.methods.base import GlobalStats, Hyperparams, StatPass, TensorGroup
 from mergeflow.methods.registry import register
+from mergeflow.methods.ties import MAJORITY_PASS, TRIM_PASS, TiesParams
 
 
-class AdaMergingParams(Hyperparams):
-    coefficients: str = Field(description="path of a coefficients .safetensors written by AdaMerging tuning")
+class AdaMergingParams(AdaMergingConfig, Hyperparams):
+    """The coefficients file to apply, plus the tuning settings that produce one (the pipeline's
+    AdaMerging step reads those, tunes, and passes the resulting file as `coefficients`)."""
+
+    coefficients: str | None = Field(
+        None, description="path of a coefficients .safetensors from AdaMerging tuning; "
+        "null in params.yaml: the pipeline tunes them first")
+    unlabelled_split: Literal["test", "val", "train"] = Field(
+        "test", description="where tuning draws unlabelled inputs; test = transductive, as the paper")
+    unlabelled_limit: int | None = Field(
+        None, gt=0, description="first N inputs per task for tuning; null = the whole split")
 
 
-def load_coefficients(path: str) -> Coefficients:
+def load_coefficients(path: str | None) -> Coefficients:
     """The file's coefficients, re-read only when the file changes."""
+    if path is None:
+        raise ValueError(
+            "method 'adamerging' needs learned coefficients: pass coefficients=<file> (written by "
+            "mergeflow.adamerging.tune_coefficients), or run it in the pipeline, which tunes them first")
     st = os.stat(path)
     return _load(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
@@ -37,35 +52,27 @@ def _load(path: str, mtime_ns: int, size: int) -> Coefficients:
     return Coefficients.load(path)
 
 
-def _ties_k(params: AdaMergingParams) -> float | None:
+def _ties_params(params: AdaMergingParams) -> TiesParams | None:
+    """For an AdaMerging++ file, the TIES settings of its selection; None otherwise."""
+    # Imported here: ties_filter imports mergeflow.methods, which imports this module.
+    from mergeflow.adamerging.ties_filter import ties_selection_params
+
     config = load_coefficients(params.coefficients).metadata.get("config", {})
-    return float(config["ties_k"]) if config.get("ties_filter") else None
+    return ties_selection_params(float(config["ties_k"])) if config.get("ties_filter") else None
 
 
-def _abs_deltas(group: TensorGroup, params: AdaMergingParams, stats: GlobalStats) -> dict:
-    if _ties_k(params) is None:
-        return {}
-    return {"abs_tau": group.deltas.abs().reshape(group.n, -1)}
+def _delegate(ties_pass: StatPass) -> StatPass:
+    """TIES' own stat pass, run only for AdaMerging++ files (plain files need no statistics)."""
 
+    def values(group: TensorGroup, params: AdaMergingParams, stats: GlobalStats) -> dict:
+        tp = _ties_params(params)
+        return {} if tp is None else ties_pass.values(group, tp, stats)
 
-def _threshold_reduction(params: AdaMergingParams) -> dict:
-    k = _ties_k(params)
-    if k is None:
-        return {}
-    return {"adamerging_trim_threshold": Reduce("abs_tau", "kth", rank=lambda d: trim_rank(d, k))}
+    def reductions(params: AdaMergingParams) -> dict:
+        tp = _ties_params(params)
+        return {} if tp is None else ties_pass.reductions(tp)
 
-
-def _signs(group: TensorGroup, params: AdaMergingParams, stats: GlobalStats) -> dict:
-    if _ties_k(params) is None:
-        return {}
-    t = trimmed(group.deltas, stats["adamerging_trim_threshold"])
-    return {"elected_sign": elected_sign(t).reshape(1, -1)}
-
-
-def _sign_reduction(params: AdaMergingParams) -> dict:
-    if _ties_k(params) is None:
-        return {}
-    return {"adamerging_sign_total": Reduce("elected_sign", "sum")}
+    return StatPass(values, reductions)
 
 
 @register(
@@ -73,7 +80,7 @@ def _sign_reduction(params: AdaMergingParams) -> dict:
     hyperparams=AdaMergingParams,
     paper="Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024",
     summary="base + learned (task- or layer-wise) coefficients times task vectors (file from AdaMerging tuning)",
-    stat_passes=(StatPass(_abs_deltas, _threshold_reduction), StatPass(_signs, _sign_reduction)),
+    stat_passes=(_delegate(TRIM_PASS), _delegate(MAJORITY_PASS)),
 )
 def adamerging(group: TensorGroup, params: AdaMergingParams, stats: GlobalStats) -> torch.Tensor:
     coefs = load_coefficients(params.coefficients)
@@ -83,8 +90,9 @@ def adamerging(group: TensorGroup, params: AdaMergingParams, stats: GlobalStats)
             f"but {group.n} fine-tuned models were given"
         )
     deltas = group.deltas
-    if _ties_k(params) is not None:
-        majority = torch.sign(stats["adamerging_sign_total"][0]).to(torch.float32)
-        deltas = selected_entries(trimmed(deltas, stats["adamerging_trim_threshold"]), majority)
+    if _ties_params(params) is not None:
+        from mergeflow.adamerging.ties_filter import selected_entries
+
+        deltas = selected_entries(deltas, stats)
     row = coefs.row(group.name).to(torch.float32)
     return group.base + (row @ deltas.reshape(group.n, -1)).view(group.base.shape)
