@@ -1,0 +1,259 @@
+"""params.yaml: the experiment, validated (pydantic) before any work starts.
+
+Every error names the field (`merge.lam`, `compare[1].method`) and says how to fix it.
+Relative paths are resolved against the folder of the params file (the project root).
+
+`merge` holds the method and its hyperparameters flat (`merge.method`, `merge.lam`, `merge.k`),
+so that `dvc exp run -S merge.lam=0.5` works. Only the keys the chosen method declares are
+passed to it; a key that no registered method declares is an error (a typo, not a setting).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a --set override) is invalid; the message lists every bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ZooParams(_Section):
+    dir: str = Field("outputs/zoo", description="where the built zoo is published (a DVC out)")
+    spec: dict[str, Any] = Field(default_factory=dict,
+                                 description="ZooSpec fields; {} is the embedded default zoo")
+
+    @field_validator("spec")
+    @classmethod
+    def _spec_is_valid(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        from mergeflow.zoo import ZooSpec
+
+        try:
+            ZooSpec(**spec)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"[{field}] {first['msg']} (see mergeflow.zoo.ZooSpec for the fields)") from None
+        return spec
+
+    def zoo_spec(self) -> dict[str, Any]:
+        """The full spec with defaults filled in: what the zoo's cache key covers."""
+        from mergeflow.zoo import ZooSpec
+
+        return ZooSpec(**self.spec).to_json()
+
+
+class MethodChoice(BaseModel):
+    """A merge method plus its hyperparameters, flat: {method: ties, k: 0.2, lam: 1.0}."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from mergeflow.methods import get_method
+
+        get_method(name)  # its error lists the available methods
+        return name
+
+    @model_validator(mode="after")
+    def _known_hyperparams(self) -> MethodChoice:
+        from mergeflow.methods import all_methods
+
+        known = {f for m in all_methods() for f in m.hyperparams.model_fields}
+        for key in self.model_extra or {}:
+            if key not in known:
+                raise ValueError(
+                    f"[{key}] unknown hyperparameter; hyperparameters of the registered methods: "
+                    f"{', '.join(sorted(known))} (`mergeflow methods` lists them per method)")
+        self.hparams()  # validate the chosen method's own values now, not at merge time
+        return self
+
+    def hparams(self) -> dict[str, Any]:
+        """The validated hyperparameters of `method`, with its defaults filled in."""
+        from mergeflow.methods import get_method
+
+        m = get_method(self.method)
+        own = {k: v for k, v in (self.model_extra or {}).items() if k in m.hyperparams.model_fields}
+        try:
+            return m.params(**own).model_dump(mode="json")
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            # "[field]" is joined onto the section's location by _format_errors.
+            raise ValueError(
+                f"[{field}] {first['msg']} (method {self.method!r}; `mergeflow methods` lists "
+                "valid values)") from None
+
+    @property
+    def label(self) -> str:
+        """A short, stable name for tables and MLflow runs: `ties(k=0.2,lam=1.0)`."""
+        hp = self.hparams()
+        return self.method + (f"({','.join(f'{k}={v}' for k, v in sorted(hp.items()))})" if hp else "")
+
+
+class EvaluationParams(_Section):
+    split: Literal["val", "test"] = "test"
+    batch_size: int = Field(512, gt=0)
+    tasks: list[str] | None = Field(None, description="subset of the zoo's tasks; null = all")
+    limit: int | None = Field(None, gt=0, description="first N examples per split (quick runs)")
+
+
+class TrackingParams(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; null = sqlite:///<project>/mlflow.db "
+                                              "(env MLFLOW_TRACKING_URI overrides)")
+    artifact_root: str | None = Field(None, description="artifact folder; null = <project>/mlartifacts")
+    experiment: str = "mergeflow"
+    enabled: bool = True
+
+
+class OutputParams(_Section):
+    merged: str = "outputs/merged"
+    metrics: str = "outputs/metrics.json"
+    per_task: str = "outputs/per_task.csv"
+    report: str = "outputs/report.json"
+
+
+class SweepParams(_Section):
+    """Grid per method: {method: {hyperparameter: [values]}}; chosen on the validation split."""
+
+    grid: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    workers: int = Field(2, gt=0, description="merges evaluated in parallel")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_is_valid(cls, grid: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for method, axes in grid.items():
+            for key, values in axes.items():
+                if not values:
+                    raise ValueError(f"{method}.{key}: empty list of values; give at least one")
+            for point in expand_grid(method, axes):
+                MethodChoice(**point)
+        return grid
+
+
+class Params(_Section):
+    zoo: ZooParams = Field(default_factory=ZooParams)
+    merge: MethodChoice = Field(default_factory=lambda: MethodChoice(method="task_arithmetic"))
+    compare: list[MethodChoice] = Field(default_factory=lambda: [
+        MethodChoice(method="average"), MethodChoice(method="task_arithmetic")])
+    evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    outputs: OutputParams = Field(default_factory=OutputParams)
+    artifacts: str = Field(".artifacts", description="content-addressed artifact store (scratch)")
+    sweep: SweepParams = Field(default_factory=SweepParams)
+
+    # Not a field of the file: the folder relative paths are resolved against.
+    project: str = Field("", exclude=True)
+
+    def path(self, p: str) -> Path:
+        """`p` resolved against the project folder."""
+        path = Path(os.path.expanduser(p))
+        return path if path.is_absolute() else Path(self.project) / path
+
+    def methods(self) -> list[MethodChoice]:
+        """The primary merge first, then the compared ones, without duplicates."""
+        out: list[MethodChoice] = []
+        for choice in [self.merge, *self.compare]:
+            if all((c.method, c.hparams()) != (choice.method, choice.hparams()) for c in out):
+                out.append(choice)
+        return out
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def tracking_uri(self) -> str:
+        return (os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+                or f"sqlite:///{self.path('mlflow.db').resolve()}")
+
+    def artifact_root(self) -> Path:
+        return self.path(self.tracking.artifact_root or "mlartifacts").resolve()
+
+
+def expand_grid(method: str, axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the axes, as {method, hparam: value} dicts, in a stable order."""
+    points: list[dict[str, Any]] = [{"method": method}]
+    for key in sorted(axes):
+        points = [{**p, key: v} for p in points for v in axes[key]]
+    return points
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read, override (`key.sub=value`, values parsed as YAML) and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {str(path)!r} not found; pass the path of a params.yaml "
+                          "(the project's default is ./params.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (zoo, merge, ...), got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_params(raw, project=path.resolve().parent, source=str(path))
+
+
+def validate_params(raw: dict[str, Any], *, project: str | Path = ".", source: str = "params") -> Params:
+    try:
+        params = Params(**raw)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(e, source)) from None
+    params.project = str(Path(project).resolve())
+    return params
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply `a.b.c=value` to nested dicts (the CLI's --set, like `dvc exp run -S`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set merge.method=ties")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"--set {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+_FIXES = {
+    "extra_forbidden": "remove it or check its spelling",
+    "literal_error": "use one of the listed values",
+    "missing": "add it",
+}
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: {e.error_count()} invalid setting(s):"]
+    for err in e.errors():
+        loc = _dotted(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if m := re.match(r"\[([\w.]+)\] ", msg):  # a field named inside a section's check
+            loc, msg = f"{loc}.{m.group(1)}", msg[m.end():]
+        fix = _FIXES.get(err["type"], "")
+        lines.append(f"  {loc}: {msg}" + (f" ({fix})" if fix else ""))
+    return "\n".join(lines)
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
