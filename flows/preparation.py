@@ -31,7 +31,9 @@ from mergeflow.sources import CheckpointRef
 from tasks.artifacts import ArtifactRef
 
 # method name -> "module:function" of its preparation step (imported only when that method runs)
-STEPS: dict[str, str] = {}
+STEPS: dict[str, str] = {
+    "adamerging": "tasks.adamerging:prepare_adamerging",
+}
 
 
 @dataclass(frozen=True)
