@@ -1,0 +1,1 @@
+"""Builders of bad inputs, generated into temp dirs at test time (no binaries committed)."""

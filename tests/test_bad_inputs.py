@@ -1,0 +1,217 @@
+"""The bad-input corpus: every broken input gets a clear error before work starts, and no
+output (not even a temp directory) is left behind. Code inside inputs never runs.
+
+Inputs are built in temp dirs by tests/bad_inputs/corpus.py. Entry points exercised: the
+streaming engine (`merge_checkpoints`, which `mergeflow merge` and the merge task call), the
+in-memory contract `mergeflow.merge`, `Checkpoint`, checkpoint resolution (`resolve_checkpoint`),
+the artifact store, and params.yaml validation (`load_params`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from bad_inputs import corpus
+
+from mergeflow import merge
+from mergeflow.checkpoint import Checkpoint, CheckpointError, load_state_dict
+from mergeflow.engine import merge_checkpoints
+
+# ---- broken checkpoints through the engine: error names the problem, no output left ----
+
+ENGINE_CASES = {
+    # case: (how to break fine-tune 0, words the error must contain)
+    "truncated safetensors": (corpus.truncate, ["truncated or corrupt"]),
+    "corrupted header": (corpus.corrupt_header, ["safetensors"]),
+    "header length beyond file": (corpus.huge_header_length, ["safetensors"]),
+    "empty weights file": (corpus.empty_file, ["safetensors"]),
+    "shard listed in index is missing": (corpus.index_with_missing_shard, ["missing"]),
+    "NaN in weights": (lambda d: corpus.with_value(d, float("nan")), ["NaN", "layer.weight"]),
+    "inf in weights": (lambda d: corpus.with_value(d, float("inf")), ["inf", "layer.weight"]),
+    "mismatched shape": (corpus.with_shape, ["shape", "layer.weight"]),
+    "mismatched names": (corpus.with_renamed_tensor, ["layer.weight"]),
+    "extra tensor": (corpus.with_extra_tensor, ["head.weight"]),
+    "mixed dtypes": (corpus.with_dtype, ["dtype"]),
+}
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert corpus.leftovers(out.parent, out.name) == [], "a failed merge left files behind"
+
+
+@pytest.mark.parametrize("case", sorted(ENGINE_CASES))
+def test_engine_refuses_broken_checkpoint(case: str, tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    breaker, words = ENGINE_CASES[case]
+    breaker(models[0])
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError) as err:
+        merge_checkpoints("task_arithmetic", base, models, out, {"lam": 0.5}, progress=False)
+    for word in words:
+        assert word in str(err.value), f"{case}: {word!r} not in error: {err.value}"
+    _assert_nothing_written(out)
+
+
+# The in-memory contract checks names/shapes/dtypes but not values: NaN/inf pass through
+# silently (the engine refuses them). Strict xfail: when mergeflow/merging.py gains the check,
+# these start passing and the marks must go.
+_NO_FINITE_CHECK = pytest.mark.xfail(strict=True, reason="missing check: mergeflow.merge() does not refuse NaN/inf")
+
+
+@pytest.mark.parametrize("case", [pytest.param("NaN in weights", marks=_NO_FINITE_CHECK),
+                                  pytest.param("inf in weights", marks=_NO_FINITE_CHECK),
+                                  "mismatched shape", "mismatched names", "mixed dtypes"])
+def test_in_memory_merge_refuses_bad_state_dict(case: str, tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    ENGINE_CASES[case][0](models[0])
+    sds = [load_state_dict(m) for m in models]
+    with pytest.raises(ValueError) as err:
+        merge("task_arithmetic", load_state_dict(base), sds, lam=0.5)
+    for word in ENGINE_CASES[case][1]:
+        assert word in str(err.value), f"{case}: {word!r} not in error: {err.value}"
+
+
+# ---- model lists ----
+
+def test_empty_model_list(tmp_path: Path) -> None:
+    base, _ = corpus.family(tmp_path, n_models=0)
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError, match="got 0"):
+        merge_checkpoints("task_arithmetic", base, [], out, {"lam": 0.5}, progress=False)
+    with pytest.raises(ValueError, match="got 0"):
+        merge("average", load_state_dict(base), [])
+    _assert_nothing_written(out)
+
+
+def test_one_model_only(tmp_path: Path) -> None:
+    """Methods that need two models say so; Task Arithmetic of one model is base + lam * tau."""
+    base, (ft,) = corpus.family(tmp_path, n_models=1)
+    with pytest.raises(ValueError, match="slerp.*got 1"):
+        merge_checkpoints("slerp", base, [ft], tmp_path / "merged", {}, progress=False)
+    _assert_nothing_written(tmp_path / "merged")
+    result = merge_checkpoints("task_arithmetic", base, [ft], tmp_path / "ta", {"lam": 0.5}, progress=False)
+    b, f, m = load_state_dict(base), load_state_dict(ft), load_state_dict(result.out_dir)
+    torch.testing.assert_close(m["layer.weight"], b["layer.weight"] + 0.5 * (f["layer.weight"] - b["layer.weight"]))
+    assert torch.equal(m["position_ids"], b["position_ids"])
+
+
+def test_invalid_hyperparameters_fail_before_reading(tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    corpus.truncate(models[0])  # would fail on reading: the hyperparameter error must come first
+    with pytest.raises(ValueError, match="k"):
+        merge_checkpoints("ties", base, models, tmp_path / "merged", {"k": 1.5}, progress=False)
+    with pytest.raises(ValueError, match="nonexistent_method"):
+        merge_checkpoints("nonexistent_method", base, models, tmp_path / "merged", {}, progress=False)
+    _assert_nothing_written(tmp_path / "merged")
+
+
+def test_output_overlapping_an_input_is_refused(tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    before = corpus.weights_file(models[0]).read_bytes()
+    with pytest.raises(ValueError, match="overlaps"):
+        merge_checkpoints("average", base, models, models[0], {}, progress=False)
+    assert corpus.weights_file(models[0]).read_bytes() == before
+
+
+# ---- code in inputs never runs ----
+
+def test_malicious_pickle_never_executes(tmp_path: Path) -> None:
+    marker = tmp_path / corpus.MARKER_NAME
+    base, models = corpus.family(tmp_path)
+    corpus.malicious_pickle(models[0], marker)
+    with pytest.raises(CheckpointError, match="pickle"):
+        Checkpoint(models[0])  # refused by default
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        Checkpoint(models[0], allow_pickle=True)  # opted in: weights_only still refuses the payload
+    with pytest.raises(ValueError, match="pickle"):
+        merge_checkpoints("average", base, models, tmp_path / "merged", {}, progress=False)
+    with pytest.raises(ValueError):
+        merge_checkpoints("average", base, models, tmp_path / "merged", {}, progress=False,
+                          allow_pickle=True)
+    assert not marker.exists(), "the pickle payload ran"
+    _assert_nothing_written(tmp_path / "merged")
+
+
+def test_remote_code_in_config_is_not_trusted(tmp_path: Path) -> None:
+    from mergeflow.sources import resolve_checkpoint
+
+    marker = tmp_path / corpus.MARKER_NAME
+    base, models = corpus.family(tmp_path)
+    corpus.remote_code_config(models[0], marker)
+    with pytest.raises(ValueError, match="auto_map"):
+        resolve_checkpoint(str(models[0]))
+    with pytest.raises(ValueError, match="auto_map"):
+        merge_checkpoints("average", base, models, tmp_path / "merged", {}, progress=False)
+    assert not marker.exists(), "remote code ran"
+    _assert_nothing_written(tmp_path / "merged")
+
+
+# ---- the artifact store keeps to its root ----
+
+@pytest.mark.parametrize("kind,key", [("merged", "../../escape"), ("../merged", "k"), ("merged", "a/b"),
+                                      ("merged", ".."), ("merged", "/etc"), ("", "k")])
+def test_artifact_names_cannot_escape_the_store(kind: str, key: str, tmp_path: Path) -> None:
+    from tasks.artifacts import ArtifactStore, ArtifactStoreError
+
+    store = ArtifactStore(tmp_path / "store")
+    with pytest.raises(ArtifactStoreError):
+        with store.writer(kind, key):
+            pass
+    assert not (tmp_path / "escape").exists()
+
+
+def test_artifact_paths_via_symlink_cannot_escape(tmp_path: Path) -> None:
+    from tasks.artifacts import ArtifactStore, ArtifactStoreError
+
+    store = ArtifactStore(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "link").symlink_to(tmp_path)
+    with pytest.raises(ArtifactStoreError, match="escapes"):
+        store.contain(tmp_path / "store" / "link" / "secret")
+    with pytest.raises(ArtifactStoreError, match="escapes"):
+        store.contain(tmp_path / "store" / ".." / "secret")
+
+
+# ---- params.yaml ----
+
+PARAMS_CASES = {
+    # case: (change to a valid params.yaml, words the error must contain)
+    "unknown method": ({"merge": {"method": "tiess"}}, ["merge", "tiess"]),
+    "hyperparameter of no method": ({"merge": {"method": "ties", "kk": 0.2}}, ["kk"]),
+    "kept fraction out of range": ({"merge": {"method": "ties", "k": 1.5}}, ["k"]),
+    "wrong type": ({"merge": {"method": "task_arithmetic", "lam": "half"}}, ["lam"]),
+    "unknown section": ({"mergee": {}}, ["mergee"]),
+    "bad device": ({"device": "tpu"}, ["device"]),
+    "empty sweep axis": ({"sweep": {"grid": {"task_arithmetic": {"lam": []}}}}, ["lam"]),
+    "negative batch size": ({"evaluation": {"batch_size": -1}}, ["batch_size"]),
+    "unknown zoo field": ({"zoo": {"spec": {"finetune_stepz": 3}}}, ["finetune_stepz"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARAMS_CASES))
+def test_invalid_params_yaml(case: str, tmp_path: Path) -> None:
+    from flows.params import ParamsError, load_params
+
+    change, words = PARAMS_CASES[case]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(change))
+    with pytest.raises(ParamsError) as err:
+        load_params(tmp_path / "params.yaml")
+    for word in words:
+        assert word in str(err.value), f"{case}: {word!r} not in error: {err.value}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "validation wrote files"
+
+
+def test_invalid_override_and_non_mapping_params(tmp_path: Path) -> None:
+    from flows.params import ParamsError, load_params
+
+    (tmp_path / "params.yaml").write_text("merge: {method: average}\n")
+    with pytest.raises(ParamsError, match="KEY=VALUE"):
+        load_params(tmp_path / "params.yaml", ["merge.method"])
+    (tmp_path / "params.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
