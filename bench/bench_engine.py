@@ -1,0 +1,118 @@
+"""Benchmark the streaming engine against the I/O floor on Llama-architecture checkpoints.
+
+Builds (once) a base and K fine-tunes with `make_llama.py`, then runs each case in its own
+subprocess (clean peak RSS, from getrusage in the child) and prints one table:
+  floor            read every input tensor once (positioned reads, all cores), write one model
+  task_arithmetic  mergeflow engine, lam 0.3
+  ties/global      official TIES (k 0.2, whole-model trim: exact streaming quantiles)
+  ties/tensor      mergekit-style per-tensor trim
+  dare_ties        p 0.9
+Wall times are measured inside each child around the work (imports excluded); ratios are to the
+floor of the same run. Input content hashes are computed once beforehand (they are cached by
+file stat, as in real use) and not counted.
+
+    python bench/bench_engine.py --size small           # quick
+    python bench/bench_engine.py --size 0.5b --models 3  # the issue's setting (~4 GB of inputs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CASES = {
+    "floor": None,
+    "task_arithmetic": ("task_arithmetic", {"lam": 0.3}),
+    "ties/global": ("ties", {"k": 0.2, "lam": 1.0}),
+    "ties/tensor": ("ties", {"k": 0.2, "lam": 1.0, "trim_scope": "tensor"}),
+    "dare_ties": ("dare_ties", {"p": 0.9, "lam": 1.0, "seed": 0}),
+}
+
+
+def _dirs(root: Path, models: int) -> tuple[Path, list[Path]]:
+    return root / "base", [root / f"ft{i}" for i in range(models)]
+
+
+def run_floor(base: Path, models: list[Path], out: Path) -> None:
+    """Read every tensor of every input once, write the base's tensors as one model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mergeflow.engine.reader import TensorSource
+    from mergeflow.engine.writer import StreamingCheckpointWriter
+
+    sources = [TensorSource(p) for p in [base, *models]]
+    names = sources[0].checkpoint.names
+    info = sources[0].checkpoint.info
+    with StreamingCheckpointWriter(out) as writer, ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        writer.plan([(k, info(k).shape, info(k).dtype) for k in names])
+
+        def one(name: str) -> None:
+            tensors = [s.read(name) for s in sources]
+            writer.write(name, 0, tensors[0])
+
+        list(pool.map(one, names))
+
+
+def child(case: str, root: Path, models: int, out: Path) -> None:
+    import torch  # noqa: F401  (import before timing)
+
+    from mergeflow.engine import merge_checkpoints
+
+    base, fts = _dirs(root, models)
+    t0 = time.perf_counter()
+    if CASES[case] is None:
+        run_floor(base, fts, out)
+    else:
+        method, hp = CASES[case]
+        merge_checkpoints(method, base, fts, out, hp, progress=False, input_hashes=["-"] * (models + 1))
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"case": case, "wall_s": wall, "peak_rss": rss}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="small", choices=["small", "0.5b"])
+    p.add_argument("--models", type=int, default=3)
+    p.add_argument("--root", type=Path, default=None, help="where the checkpoints live (default /tmp/mf_llama_SIZE)")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    root = a.root or Path(f"/tmp/mf_llama_{a.size.replace('.', '')}")
+    if a.child:
+        child(a.child, root, a.models, a.out)
+        return
+    if not (root / f"ft{a.models - 1}").exists():
+        subprocess.run([sys.executable, str(HERE / "make_llama.py"), "--size", a.size, "--models",
+                        str(a.models), "--out", str(root)], check=True)
+    rows = []
+    for case in a.cases.split(","):
+        out = root.parent / f"{root.name}_out_{case.replace('/', '_')}"
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, __file__, "--size", a.size, "--models", str(a.models),
+                               "--root", str(root), "--child", case, "--out", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            raise SystemExit(f"case {case} failed")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(out, ignore_errors=True)
+    floor = next((r["wall_s"] for r in rows if r["case"] == "floor"), None)
+    print(f"\nengine benchmark: Llama {a.size}, base + {a.models} fine-tunes (bf16), {os.cpu_count()} CPU(s)")
+    print(f"{'case':<18}{'wall s':>9}{'x floor':>9}{'peak RSS MiB':>14}")
+    for r in rows:
+        ratio = f"{r['wall_s'] / floor:.2f}" if floor else "-"
+        print(f"{r['case']:<18}{r['wall_s']:>9.2f}{ratio:>9}{r['peak_rss'] / 2**20:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The streaming merge engine: checkpoints of any size, exact global statistics, bounded memory.
+
+    from mergeflow.engine import merge_checkpoints
+    result = merge_checkpoints("ties", base_dir, [ft_dir_1, ft_dir_2], out_dir,
+                               {"k": 0.2, "lam": 1.0}, device="cpu")
+
+See `run.py` for the order of work, `selection.py` for the exact streaming order statistics.
+"""
+
+from mergeflow.engine.plan import MergeConfigError, MergePlan, plan_merge
+from mergeflow.engine.run import (
+           MergeResult,
+           NonFiniteInput,
+           compute_global_stats,
+           merge_checkpoints,
+)
+
+__all__ = ["MergeConfigError", "MergePlan", "MergeResult", "NonFiniteInput", "compute_global_stats",
+           "merge_checkpoints", "plan_merge"]

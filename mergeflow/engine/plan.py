@@ -1,0 +1,171 @@
+"""Everything the engine checks and decides before it reads a single tensor.
+
+`plan_merge` validates the method and hyperparameters (pydantic: errors name the field), the
+model count, per-task coefficient lists, the device, the output location and free disk space,
+and the checkpoints' tensor names, shapes, dtypes and vocabulary sizes (from safetensors headers
+and config.json only). It splits the work into units: whole tensors, or row chunks of large
+tensors for elementwise methods, so peak memory is a few chunks whatever the model size.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergeflow.compatibility import IncompatibleCheckpoints, check_compatible, is_mergeable
+from mergeflow.engine.reader import TensorSource
+from mergeflow.methods import Hyperparams, MergeMethod, get_method
+
+DEFAULT_CHUNK_ELEMS = 1 << 21  # entries per model in one unit of work
+MANIFEST_FILE = "mergeflow_manifest.json"
+
+
+class MergeConfigError(ValueError):
+    """The merge cannot run as asked; the message says what to change. Raised before any work."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: tensor `name`, rows [row_start, row_end) (None: the whole tensor)."""
+
+    name: str
+    row_start: int | None
+    row_end: int | None
+    elems: int  # entries per model
+    offset: int  # flat offset of the first entry in the tensor
+
+
+@dataclass
+class MergePlan:
+    method: MergeMethod
+    params: Hyperparams
+    base: TensorSource
+    models: list[TensorSource]
+    device: torch.device
+    names: list[str]
+    float_names: set[str]
+    units: list[Unit]
+    elementwise: bool
+    input_bytes: int = 0
+    output_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.models)
+
+    def unit_bytes(self, unit: Unit) -> int:
+        """Bytes read for one unit (base and every model)."""
+        itemsize = self.base.checkpoint.info(unit.name).dtype.itemsize
+        return unit.elems * itemsize * (1 + (self.n if unit.name in self.float_names else 0))
+
+    def close(self) -> None:
+        for src in [self.base, *self.models]:
+            src.close()
+
+
+def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], hparams: dict,
+               *, out_dir: str | Path | None = None, device: str | torch.device = "cpu",
+               allow_pickle: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> MergePlan:
+    m = get_method(method)
+    try:
+        params = m.params(**hparams)
+    except Exception as err:  # pydantic ValidationError: its message names the field
+        raise MergeConfigError(f"invalid hyperparameters for {method!r}:\n{err}") from None
+    n = len(model_dirs)
+    if n < m.min_models or (m.max_models is not None and n > m.max_models):
+        want = m.min_models if m.max_models == m.min_models else f"{m.min_models}..{m.max_models or 'any'}"
+        raise MergeConfigError(f"method {method!r} needs {want} fine-tuned model(s), got {n}")
+    lam = getattr(params, "lam", None)
+    if isinstance(lam, list) and len(lam) != n:
+        raise MergeConfigError(f"lam has {len(lam)} values but there are {n} fine-tuned models")
+    dev = _device(device)
+    base = TensorSource(base_dir, allow_pickle=allow_pickle)
+    models = [TensorSource(d, allow_pickle=allow_pickle) for d in model_dirs]
+    labels = [str(d) for d in model_dirs]
+    _check_vocab(base, models, labels)
+    try:
+        check_compatible(base.checkpoint.signature(), [s.checkpoint.signature() for s in models], labels)
+    except IncompatibleCheckpoints as err:
+        raise MergeConfigError(str(err)) from None
+    if out_dir is not None:
+        _check_output(Path(out_dir), [base_dir, *model_dirs])
+    names = base.checkpoint.names
+    float_names = {k for k in names if is_mergeable(base.checkpoint.info(k).dtype)}
+    elementwise = m.is_elementwise(params)
+    units = [u for k in names for u in _units(base, k, k in float_names and elementwise, chunk_elems)]
+    plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise)
+    plan.input_bytes = sum(plan.unit_bytes(u) for u in units)
+    plan.output_bytes = base.checkpoint.nbytes
+    if out_dir is not None:
+        _check_disk(Path(out_dir), plan.output_bytes)
+    return plan
+
+
+def _units(base: TensorSource, name: str, chunked: bool, chunk_elems: int) -> list[Unit]:
+    shape = base.checkpoint.info(name).shape
+    numel = 1
+    for s in shape:
+        numel *= s
+    if not chunked or not shape or numel <= chunk_elems:
+        return [Unit(name, None, None, numel, 0)]
+    row = numel // shape[0] if shape[0] else 1
+    step = max(1, chunk_elems // max(row, 1))
+    return [Unit(name, r, min(r + step, shape[0]), (min(r + step, shape[0]) - r) * row, r * row)
+            for r in range(0, shape[0], step)]
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise MergeConfigError(f"unknown device {device!r} ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeConfigError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def _check_vocab(base: TensorSource, models: list[TensorSource], labels: list[str]) -> None:
+    """Different vocabulary sizes (added tokens, padded embeddings) are refused by name."""
+    base_cfg = base.checkpoint.config or {}
+    base_sig = base.checkpoint.signature()
+    for label, src in zip(labels, models, strict=True):
+        cfg = src.checkpoint.config or {}
+        if "vocab_size" in base_cfg and "vocab_size" in cfg and cfg["vocab_size"] != base_cfg["vocab_size"]:
+            raise MergeConfigError(
+                f"{label}: vocab_size {cfg['vocab_size']} differs from the base's {base_cfg['vocab_size']} "
+                "(added tokens or padded embeddings). mergeflow never truncates embeddings silently: "
+                "resize every model's embeddings to the same vocabulary first.")
+        sig = src.checkpoint.signature()
+        for name, (shape, _) in base_sig.items():
+            other = sig.get(name, (shape, None))[0]
+            if other != shape and len(other) == len(shape) >= 1 and other[1:] == shape[1:]:
+                raise MergeConfigError(
+                    f"{label}: {name} has {other[0]} rows, the base has {shape[0]} (a padded or "
+                    "extended embedding?). mergeflow never truncates silently: resize the "
+                    "embeddings of all models to the same vocabulary first.")
+
+
+def _check_output(out: Path, inputs: list[str | Path]) -> None:
+    out = out.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise MergeConfigError(f"output {out} overlaps input {src}; choose another --out")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).exists())):
+        raise MergeConfigError(
+            f"{out} exists and is not an earlier mergeflow output; remove it or choose another --out")
+
+
+def _check_disk(out: Path, need: int) -> None:
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < need * 1.05 + (64 << 20):
+        raise MergeConfigError(
+            f"not enough disk space for the output: need {need / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free under {parent}")

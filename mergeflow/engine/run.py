@@ -1,0 +1,336 @@
+"""The streaming merge: K checkpoints in, one merged checkpoint out, in bounded memory.
+
+    from mergeflow.engine import merge_checkpoints
+    result = merge_checkpoints("ties", "base/", ["ft_a/", "ft_b/"], "out/", {"k": 0.2, "lam": 1.0})
+    result.out_dir, result.output_hash, result.manifest
+
+Order of work:
+1. `plan_merge` checks everything from headers and configs; an estimate of time, memory and
+   disk is printed. Nothing is read or written before this succeeds.
+2. Each StatPass of the method runs over every float tensor, a unit (tensor or row chunk) at a
+   time; `selection.PassReduction` turns the values into exact global statistics (one pass in
+   the usual case; the first pass also checks the inputs for NaN/inf).
+3. The merge pass computes every unit with the method's `merge_tensor` and writes it where it
+   belongs in the output shards; the output content hash (`hash_checkpoint`'s definition) is
+   computed on the way, in name order; side files, the model card and the manifest are added
+   and the directory appears atomically. Any error leaves no output.
+Units run on a thread pool (reads, math and writes of different units overlap; torch and file
+I/O release the GIL) with a bounded number in flight; results are folded in unit order, so the
+output never depends on scheduling. The math runs on `device` in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergeflow.engine.manifest import copy_side_files, model_card
+from mergeflow.engine.plan import DEFAULT_CHUNK_ELEMS, MANIFEST_FILE, MergePlan, Unit, plan_merge
+from mergeflow.engine.selection import SAMPLE_TARGET, PassReduction
+from mergeflow.engine.writer import StreamingCheckpointWriter
+from mergeflow.methods import GlobalStats, StatPass, TensorGroup
+
+DEFAULT_SHARD_BYTES = 2 * 2**30
+ASSUMED_BYTES_PER_SECOND = 0.5e9  # per pass over the inputs, a conservative CPU figure
+
+
+class NonFiniteInput(ValueError):
+    """An input tensor holds NaN or inf."""
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    output_hash: str
+    manifest: dict
+    seconds: float
+    stats: dict[str, list]
+
+
+def merge_checkpoints(
+    method: str,
+    base_dir: str | Path,
+    model_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    hparams: dict | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    allow_pickle: bool = False,
+    workers: int | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    input_hashes: Sequence[str] | None = None,
+    out_dtype: torch.dtype | None = None,
+    recipe: dict | None = None,
+    dry_run: bool = False,
+) -> MergeResult | MergePlan:
+    """Merge checkpoint directories (or .safetensors files) of one base into `out_dir`.
+
+    `hparams` are the method's hyperparameters (`mergeflow methods` lists them). `input_hashes`
+    (base first, then the models) are recorded in the manifest; when None they come from
+    `mergeflow.sources.resolve_checkpoint` (content hashes, cached on disk by file stat).
+    `out_dtype` sets the stored dtype of merged float tensors (default: the base's dtype).
+    `recipe` (the recipe as a dict) is recorded in the manifest. With `dry_run`, only the checks
+    and the estimate run, and the plan is returned.
+    """
+    t0 = time.perf_counter()
+    plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
+                      device=device, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    workers = workers or min(4, os.cpu_count() or 1)
+    try:
+        if progress or dry_run:
+            print(estimate(plan, workers), file=sys.stderr)
+        if dry_run:
+            return plan
+        hashes = list(input_hashes) if input_hashes is not None else _content_hashes(
+            [base_dir, *model_dirs], allow_pickle)
+        with _torch_threads(1 if (workers > 1 and plan.device.type == "cpu") else None):
+            stats = compute_global_stats(plan, workers=workers, progress=progress)
+            result = _merge_pass(plan, stats, Path(out_dir), hashes, recipe, out_dtype, workers=workers,
+                                 progress=progress, max_shard_bytes=max_shard_bytes, t0=t0)
+    finally:
+        plan.close()
+    return result
+
+
+def estimate(plan: MergePlan, workers: int) -> str:
+    """One paragraph: what will be read and written, how long, how much memory and disk."""
+    passes = 1 + sum(1 for _ in plan.method.stat_passes)
+    largest_unit = max((plan.unit_bytes(u) for u in plan.units), default=0)
+    per_unit = largest_unit * 4 * 6 // max(1, plan.base.checkpoint.info(plan.units[0].name).dtype.itemsize) if plan.units else 0
+    peak = (workers + 2) * per_unit + (128 << 20)
+    seconds = passes * plan.input_bytes / ASSUMED_BYTES_PER_SECOND
+    return (
+        f"mergeflow: {plan.method.name} of {plan.n} model(s) onto {plan.base.path} "
+        f"({len(plan.names)} tensors, {len(plan.units)} units, device {plan.device}); "
+        f"reads {plan.input_bytes / 2**30:.2f} GiB x ~{passes} pass(es), writes "
+        f"{plan.output_bytes / 2**30:.2f} GiB (disk); estimated time ~{max(1, math.ceil(seconds))} s, "
+        f"peak memory ~{peak / 2**20:.0f} MiB"
+    )
+
+
+# ---- global statistics ------------------------------------------------------------------------
+
+def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Run the method's StatPasses over all float tensors; exact, bounded memory."""
+    stats: dict[str, torch.Tensor] = {}
+    float_units = [u for u in plan.units if u.name in plan.float_names]
+    checked = False
+    for i, stat_pass in enumerate(plan.method.stat_passes):
+        reduction = PassReduction(stat_pass.reductions(plan.params))
+        if not reduction.reductions:
+            continue
+        if reduction.wants_sample() and plan.elementwise:
+            _set_windows(plan, stat_pass, reduction, stats, float_units, workers)
+        while True:
+            check = not checked
+
+            def work(unit: Unit, check: bool = check, sp: StatPass = stat_pass, red: PassReduction = reduction):
+                group = _read_group(plan, unit, check_finite=check)
+                return red.summarize(sp.values(group, plan.params, stats))
+
+            label = f"stat pass {i + 1}.{reduction.round + 1}"
+            for partial in _run_units(plan, float_units, work, workers, progress, label):
+                reduction.absorb(partial)
+            checked = True
+            if reduction.finish_round():
+                break
+        stats.update(reduction.results)
+    return stats
+
+
+def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, stats: GlobalStats,
+                 units: list[Unit], workers: int) -> None:
+    """Sample a few rows of every unit to place the k-th value windows (one cheap pass)."""
+    total = sum(u.elems for u in units)
+    sources = {h.source for h in reduction.reductions.values() if h.kind == "kth"}
+    if total <= reduction.cap:  # small model: keep every value, no sample needed
+        empty = {s: torch.zeros(plan.n, 1) for s in sources}
+        reduction.set_windows(empty, 1.0, {s: total for s in sources})
+        return
+    fraction = min(1.0, SAMPLE_TARGET / max(1, total))
+    sub_units = [_sub_unit(plan, u, fraction) for u in units] if fraction < 1.0 else units
+    sampled = sum(u.elems for u in sub_units)
+
+    def work(unit: Unit):
+        values = stat_pass.values(_read_group(plan, unit, check_finite=False), plan.params, stats)
+        return {s: values[s].reshape(values[s].shape[0], -1).to(torch.float32).cpu() for s in sources if s in values}
+
+    collected: dict[str, list[torch.Tensor]] = {s: [] for s in sources}
+    for part in _run_units(plan, sub_units, work, workers, False, "sample"):
+        for s, v in part.items():
+            collected[s].append(v)
+    samples = {s: torch.cat(v, dim=1) for s, v in collected.items() if v}
+    real_fraction = sampled / max(1, total)
+    expected = {s: round(v.shape[1] / real_fraction) for s, v in samples.items()}
+    reduction.set_windows(samples, 1.0 if fraction >= 1.0 else real_fraction, expected)
+
+
+def _sub_unit(plan: MergePlan, unit: Unit, fraction: float) -> Unit:
+    shape = plan.base.checkpoint.info(unit.name).shape
+    if not shape:
+        return unit
+    start = unit.row_start or 0
+    end = unit.row_end if unit.row_end is not None else shape[0]
+    take = max(1, round((end - start) * fraction))
+    row = unit.elems // max(1, end - start)
+    return Unit(unit.name, start, start + take, take * row, unit.offset)
+
+
+# ---- the merge pass ---------------------------------------------------------------------------
+
+def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list[str], recipe: dict | None,
+                out_dtype: torch.dtype | None, *, workers: int, progress: bool, max_shard_bytes: int,
+                t0: float) -> MergeResult:
+    def dtype(name: str) -> torch.dtype:
+        stored = plan.base.checkpoint.info(name).dtype
+        return out_dtype if (out_dtype is not None and name in plan.float_names) else stored
+
+    def shape(name: str) -> tuple[int, ...]:
+        return plan.base.checkpoint.info(name).shape
+    first_pass = not any(True for sp in plan.method.stat_passes if sp.reductions(plan.params))
+
+    def work(unit: Unit) -> torch.Tensor:
+        if unit.name not in plan.float_names:
+            return plan.base.read(unit.name, unit.row_start, unit.row_end)
+        group = _read_group(plan, unit, check_finite=first_pass)
+        merged = plan.method.merge_tensor(group, plan.params, stats)
+        if merged.shape != group.base.shape:
+            raise ValueError(f"{plan.method.name} returned shape {list(merged.shape)} for {unit.name}, "
+                             f"expected {list(group.base.shape)}")
+        return merged.to(dtype(unit.name)).cpu()
+
+    digest = hashlib.sha256()
+    with StreamingCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes) as writer:
+        writer.plan([(k, shape(k), dtype(k)) for k in plan.names])
+        for unit, out in zip(plan.units, _run_units(plan, plan.units, work, workers, progress, "merge"), strict=True):
+            byte_offset = unit.offset * out.element_size()
+            if unit.offset == 0:  # first piece of a tensor: hash_checkpoint's per-tensor header
+                digest.update(json.dumps([unit.name, str(dtype(unit.name)), list(shape(unit.name))]).encode())
+            if out.numel():
+                data = out.contiguous().reshape(-1).view(torch.uint8)
+                digest.update(memoryview(data.numpy()))
+                writer.write(unit.name, byte_offset, out)
+        output_hash = digest.hexdigest()
+        base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
+        copied = copy_side_files(writer, base_dir)
+        manifest = _manifest(plan, stats, hashes, output_hash, recipe, copied)
+        writer.write_json(MANIFEST_FILE, manifest)
+        writer.write_text("README.md", model_card(manifest))
+    return MergeResult(out_dir, output_hash, manifest, time.perf_counter() - t0,
+                       {k: v.tolist() for k, v in stats.items()})
+
+
+def _manifest(plan: MergePlan, stats: GlobalStats, hashes: list[str], output_hash: str,
+              recipe: dict | None, side_files: list[str]) -> dict:
+    from mergeflow import __version__
+
+    paths = [plan.base.path, *[m.path for m in plan.models]]
+    inputs = [{"path": str(p), "content_hash": h} for p, h in zip(paths, hashes, strict=True)]
+    return {
+        "mergeflow_version": __version__,
+        "method": plan.method.name,
+        "paper": plan.method.paper,
+        "hyperparameters": plan.params.model_dump(mode="json"),
+        "base": inputs[0],
+        "models": inputs[1:],
+        "output_hash": output_hash,
+        "tensors": len(plan.names),
+        "merged_tensors": len(plan.float_names),
+        "global_stats": {k: v.tolist() for k, v in stats.items()},
+        "side_files": side_files,
+        "recipe": recipe,
+    }
+
+
+# ---- shared machinery -------------------------------------------------------------------------
+
+def _read_group(plan: MergePlan, unit: Unit, *, check_finite: bool) -> TensorGroup:
+    def load(src):
+        return src.read(unit.name, unit.row_start, unit.row_end).to(plan.device).to(torch.float32)
+
+    base = load(plan.base)
+    models = torch.stack([load(m) for m in plan.models])
+    if check_finite:
+        _check_finite(plan, unit, base, models)
+    return TensorGroup(unit.name, base, models, unit.offset)
+
+
+def _check_finite(plan: MergePlan, unit: Unit, base: torch.Tensor, models: torch.Tensor) -> None:
+    # A sum is one cheap read; only a non-finite sum needs the exact (costlier) check.
+    if math.isfinite(float(base.sum()) + float(models.sum())):
+        return
+    for label, t in [(str(plan.base.path), base), *[(str(m.path), models[i]) for i, m in enumerate(plan.models)]]:
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteInput(f"{label}: tensor {unit.name} contains NaN or inf; refusing to merge "
+                                 "(no output was written)")
+
+
+def _run_units(plan: MergePlan, units: Sequence[Unit], work: Callable[[Unit], object], workers: int,
+               progress: bool, label: str) -> Iterable:
+    """work(unit) on a thread pool; yields results in unit order, few in flight."""
+    bar = _bar(sum(plan.unit_bytes(u) for u in units), label) if progress else None
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow") as pool:
+            pending: deque = deque()
+            it = iter(units)
+            for unit in it:
+                pending.append((unit, pool.submit(work, unit)))
+                if len(pending) >= workers + 1:
+                    break
+            while pending:
+                unit, fut = pending.popleft()
+                try:
+                    result = fut.result()
+                except BaseException:
+                    for _, f in pending:
+                        f.cancel()
+                    raise
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(work, nxt)))
+                if bar is not None:
+                    bar.update(plan.unit_bytes(unit))
+                yield result
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _bar(total: int, label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                file=sys.stderr)
+
+
+def _content_hashes(paths: list[str | Path], allow_pickle: bool) -> list[str]:
+    from mergeflow.sources import resolve_checkpoint
+
+    return [resolve_checkpoint(str(Path(p).resolve()), allow_pickle=allow_pickle).content_hash for p in paths]
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

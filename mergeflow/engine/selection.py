@@ -1,0 +1,246 @@
+"""Exact streaming reductions of StatPass values: k-th smallest, min, max, integer sum.
+
+The results are bitwise what `mergeflow.statistics.reduce_rows` gives on the concatenated
+values, but memory stays bounded: the values of a pass are seen one chunk at a time and never
+concatenated.
+
+k-th smallest (per row, rank = `Reduce.rank(d)` with d the row's total length):
+1. Window (one pass, the usual case). A small sample of the values (taken by the engine from
+   row slices of every tensor, for elementwise methods) estimates the quantile; the full pass
+   then counts, per row, the values below a window [lo, hi] around the estimate and keeps the
+   values inside it (at most `cap` per row). If the rank falls inside the window, the answer is
+   the matching order statistic of the kept values: exact, in one pass.
+2. Radix (fallback, and for non-elementwise methods). Values are mapped to 32-bit keys whose
+   integer order is the float order; one pass histograms the top 16 bits, which fixes the
+   bucket holding the rank; the next pass keeps the values of that bucket (or, if too many,
+   histograms their low 16 bits, which fixes the key exactly). At most three passes, memory
+   65,536 counters per row plus at most `cap` values.
+-0.0 is counted as +0.0 (they compare equal, as in torch.kthvalue).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from mergeflow.methods.base import Reduce
+
+DEFAULT_CAP = 24 * 2**20  # kept values per row (96 MiB of float32)
+SAMPLE_TARGET = 1 << 20  # sampled values per row that estimate the window
+_MAGNITUDE_BITS = 0x7FFFFFFF
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys with the same order as the float32 values (-0.0 mapped to +0.0)."""
+    bits = (values.to(torch.float32) + 0.0).contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & _MAGNITUDE_BITS)
+
+
+def key_to_value(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of order_keys (the bit transform is its own inverse)."""
+    keys = keys.to(torch.int32)
+    return (keys ^ ((keys >> 31) & _MAGNITUDE_BITS)).view(torch.float32)
+
+
+class KthSelection:
+    """State of one exact k-th-smallest reduction across passes."""
+
+    def __init__(self, how: Reduce, cap: int) -> None:
+        self.how = how
+        self.cap = cap
+        self.result: torch.Tensor | None = None
+        self.mode = "radix"  # or "window" once a sample sets one
+        self.level = 0  # radix: 0 = top-16 histogram, 1 = collect bucket, 2 = low-16 histogram
+        self._reset_round()
+
+    # -- round setup ----------------------------------------------------------------------
+    def _reset_round(self) -> None:
+        self.count = 0  # values per row seen this round
+        self.below: torch.Tensor | None = None
+        self.kept: list[list[torch.Tensor]] | None = None
+        self.kept_n: torch.Tensor | None = None
+        self.hist: torch.Tensor | None = None
+        self.overflow = False
+
+    def set_window(self, sample: torch.Tensor, sample_fraction: float, expected_d: int) -> None:
+        """Choose [lo, hi] per row from sampled values (rows, s) so the rank falls inside."""
+        if sample_fraction >= 1.0:  # every value fits: keep them all
+            self.mode, self.lo, self.hi = "window", torch.tensor([-math.inf]), torch.tensor([math.inf])
+            return
+        rows, s = sample.shape
+        if s == 0:
+            return
+        rank = self.how.rank(max(1, expected_d))
+        q = min(1.0, max(0.0, rank / max(1, expected_d)))
+        delta = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / s) / s) + 2.0 / s
+        if 2 * delta * expected_d > 0.8 * self.cap:
+            return  # the window would hold too many values: use radix passes instead
+        ordered = sample.to(torch.float32).sort(dim=1).values
+        lo_i, hi_i = math.floor((q - delta) * s), math.ceil((q + delta) * s)
+        lo = ordered[:, lo_i] if lo_i >= 0 else torch.full((rows,), -math.inf)
+        hi = ordered[:, hi_i] if hi_i < s else torch.full((rows,), math.inf)
+        self.mode, self.lo, self.hi = "window", lo, hi
+
+    # -- per chunk (worker threads) ------------------------------------------------------
+    def summarize(self, values: torch.Tensor) -> tuple:
+        v = values.reshape(values.shape[0], -1)
+        if self.mode == "window":
+            lo, hi = self.lo.to(v.device).unsqueeze(1), self.hi.to(v.device).unsqueeze(1)
+            below = (v < lo).sum(dim=1).cpu()
+            inside = (v >= lo) & (v <= hi)
+            kept = [v[r][inside[r]].to(torch.float32).cpu() for r in range(v.shape[0])]
+            return v.shape[1], below, kept
+        keys = order_keys(v)
+        if self.level == 0:
+            top = (keys >> 16) + 32768
+            hist = torch.stack([torch.bincount(top[r].to(torch.int64), minlength=65536) for r in range(v.shape[0])])
+            return v.shape[1], hist.cpu(), None
+        prefix = self.prefix.to(keys.device).unsqueeze(1)
+        match = ((keys >> 16) + 32768) == prefix
+        if self.level == 1:
+            kept = [v[r][match[r]].to(torch.float32).cpu() for r in range(v.shape[0])]
+            return v.shape[1], None, kept
+        low = keys & 0xFFFF
+        hist = torch.stack([torch.bincount(low[r][match[r]].to(torch.int64), minlength=65536) for r in range(v.shape[0])])
+        return v.shape[1], hist.cpu(), None
+
+    # -- per chunk, in order (main thread) --------------------------------------------------
+    def absorb(self, partial: tuple) -> None:
+        m, counts, kept = partial
+        self.count += m
+        if counts is not None:
+            if counts.dim() == 1:  # window: values below lo
+                self.below = counts if self.below is None else self.below + counts
+            else:
+                self.hist = counts if self.hist is None else self.hist + counts
+        if kept is not None:
+            if self.kept is None:
+                self.kept = [[] for _ in kept]
+                self.kept_n = torch.zeros(len(kept), dtype=torch.int64)
+            for r, t in enumerate(kept):
+                if self.overflow:
+                    break
+                self.kept[r].append(t)
+                self.kept_n[r] += t.numel()
+            if int(self.kept_n.max()) > self.cap:
+                self.overflow = True  # give up this round's window; radix passes follow
+                self.kept = [[] for _ in kept]
+
+    # -- end of a pass ---------------------------------------------------------------------
+    def finish_round(self) -> bool:
+        """Use what this pass gathered; True when the result is known."""
+        d = self.count
+        rank = self.how.rank(d)
+        if not 1 <= rank <= d:
+            raise ValueError(f"kth rank {rank} is outside 1..{d}")
+        if self.mode == "window":
+            below = self.below if self.below is not None else torch.zeros(1, dtype=torch.int64)
+            inside = (below < rank) & (below + self.kept_n >= rank) if self.kept_n is not None else None
+            if not self.overflow and inside is not None and bool(inside.all()):
+                self.result = torch.stack([
+                    torch.cat(self.kept[r]).kthvalue(int(rank - below[r])).values
+                    for r in range(len(self.kept))
+                ])
+                return True
+            self.mode, self.level = "radix", 0
+            self._reset_round()
+            return False
+        if self.level == 0:
+            cum = self.hist.cumsum(dim=1)
+            self.prefix = torch.searchsorted(cum, torch.full((cum.shape[0], 1), rank), side="left").squeeze(1)
+            before = torch.where(self.prefix > 0, cum.gather(1, (self.prefix - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+            self.rank_left = rank - before
+            in_bucket = self.hist.gather(1, self.prefix.unsqueeze(1)).squeeze(1)
+            self.level = 1 if int(in_bucket.max()) <= self.cap else 2
+            self._reset_round()
+            return False
+        if self.level == 1:
+            self.result = torch.stack([
+                torch.cat(self.kept[r]).kthvalue(int(self.rank_left[r])).values for r in range(len(self.kept))
+            ])
+            return True
+        cum = self.hist.cumsum(dim=1)
+        low = torch.searchsorted(cum, self.rank_left.unsqueeze(1), side="left").squeeze(1)
+        keys = ((self.prefix - 32768) << 16) | low
+        self.result = key_to_value(keys.to(torch.int64).to(torch.int32))
+        return True
+
+
+class PassReduction:
+    """All reductions of one StatPass; min/max/sum finish in one pass, kth may need more."""
+
+    def __init__(self, reductions: Mapping[str, Reduce], cap: int = DEFAULT_CAP) -> None:
+        self.reductions = dict(reductions)
+        self.kth = {name: KthSelection(how, cap) for name, how in self.reductions.items() if how.kind == "kth"}
+        self.simple = {name: how for name, how in self.reductions.items() if how.kind != "kth"}
+        self.cap = cap
+        self.results: dict[str, torch.Tensor] = {}
+        self._acc: dict[str, torch.Tensor] = {}
+        self.round = 0
+
+    def pending(self) -> list[str]:
+        return [n for n in self.reductions if n not in self.results]
+
+    def wants_sample(self) -> bool:
+        return any(k.mode == "radix" and k.level == 0 for k in self.kth.values()) and self.round == 0
+
+    def set_windows(self, sample: Mapping[str, torch.Tensor], sample_fraction: float, expected_d: Mapping[str, int]) -> None:
+        for name, sel in self.kth.items():
+            src = self.reductions[name].source
+            if src in sample:
+                sel.set_window(sample[src], sample_fraction, expected_d[src])
+
+    def summarize(self, values: Mapping[str, torch.Tensor]) -> dict[str, object]:
+        """Per-chunk partial results (runs in worker threads)."""
+        out: dict[str, object] = {}
+        for name in self.pending():
+            how = self.reductions[name]
+            if how.source not in values:
+                raise ValueError(f"statistic {name!r} needs values {how.source!r}, which the pass did not emit")
+            v = values[how.source]
+            v = v.reshape(v.shape[0], -1)
+            if how.kind == "kth":
+                out[name] = self.kth[name].summarize(v)
+            elif v.shape[1] == 0:
+                out[name] = None
+            elif how.kind == "min":
+                out[name] = v.amin(dim=1).cpu()
+            elif how.kind == "max":
+                out[name] = v.amax(dim=1).cpu()
+            elif how.kind == "sum":
+                out[name] = v.to(torch.int64).sum(dim=1).cpu()
+            else:
+                raise ValueError(f"unknown reduction {how.kind!r}")
+        return out
+
+    def absorb(self, partial: Mapping[str, object]) -> None:
+        """Fold one chunk's partials in (main thread, in chunk order)."""
+        for name, p in partial.items():
+            if name in self.kth:
+                self.kth[name].absorb(p)
+            elif p is not None:
+                kind = self.simple[name].kind
+                acc = self._acc.get(name)
+                if acc is None:
+                    self._acc[name] = p
+                elif kind == "min":
+                    self._acc[name] = torch.minimum(acc, p)
+                elif kind == "max":
+                    self._acc[name] = torch.maximum(acc, p)
+                else:
+                    self._acc[name] = acc + p
+
+    def finish_round(self) -> bool:
+        """Close a pass; True when every statistic is known."""
+        for name in self.pending():
+            if name in self.kth:
+                if self.kth[name].finish_round():
+                    self.results[name] = self.kth[name].result
+            elif name in self._acc:
+                self.results[name] = self._acc[name]
+            else:
+                raise ValueError(f"statistic {name!r} got no values (no float tensors?)")
+        self.round += 1
+        return not self.pending()

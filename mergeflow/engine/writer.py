@@ -1,0 +1,91 @@
+"""Streaming sharded safetensors output: every tensor's place is fixed before any is computed.
+
+The output's names, shapes and dtypes are the base model's, known before the merge starts. So
+the shard files are laid out up front (header first, then each tensor's bytes at a fixed
+offset, in name order), and merged rows are written with `pwrite` where they belong, as soon
+as they are ready and in any order. Nothing is buffered beyond the chunk being written.
+This extends `CheckpointWriter`: the same temporary sibling directory, side files (config,
+tokenizer, model card, manifest), shard naming, index and atomic rename on `commit()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mergeflow.checkpoint import _SAFETENSORS_DTYPES
+from mergeflow.checkpoint_writer import DEFAULT_SHARD_BYTES, CheckpointWriter
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class StreamingCheckpointWriter(CheckpointWriter):
+    """`plan(entries)` once, then `write(name, byte_offset, data)` in any order, then commit."""
+
+    def __init__(self, out_dir: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        super().__init__(out_dir, max_shard_bytes=max_shard_bytes)
+        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, absolute offset, nbytes)
+        self._fds: list[int] = []
+
+    def plan(self, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        """Create the shard files for tensors (name, shape, dtype), in the given order."""
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in entries:
+            nbytes = dtype.itemsize
+            for s in shape:
+                nbytes *= s
+            if shards[-1] and size + nbytes > self.max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        for i, shard in enumerate(shards):
+            self._create_shard(f"shard-{i:05d}.safetensors", shard)
+
+    def _create_shard(self, tmp_name: str, shard: list[tuple[str, tuple[int, ...], torch.dtype, int]]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in shard:
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+        path = self.tmp_dir / tmp_name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds.append(fd)
+        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+        data_start = 8 + len(raw)
+        os.ftruncate(fd, data_start + offset)
+        for name, _, _, nbytes in shard:
+            begin = header[name]["data_offsets"][0]
+            self._where[name] = (fd, data_start + begin, nbytes)
+        self._shards.append((tmp_name, [s[0] for s in shard], offset))
+
+    def write(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Write `data` (a contiguous CPU tensor) at `byte_offset` inside tensor `name`."""
+        fd, start, nbytes = self._where[name]
+        view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if byte_offset + len(view) > nbytes:
+            raise ValueError(f"write past the end of {name}")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], start + byte_offset + done)
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def commit(self) -> Path:
+        self._close()
+        return super().commit()
+
+    def abort(self) -> None:
+        self._close()
+        super().abort()
