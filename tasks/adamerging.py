@@ -145,7 +145,7 @@ def coefficient_heatmap(coefs):
 
     values = coefs.values.T.numpy()  # (tasks, rows)
     cols = values.shape[1]
-    fig = Figure(figsize=(min(24.0, max(6.0, 0.12 * cols + 3)), 1.0 + 0.45 * len(coefs.task_names)),
+    fig = Figure(figsize=(min(24.0, max(6.0, 0.12 * cols + 3)), 2.2 + 0.35 * len(coefs.task_names)),
                  dpi=120, layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")

@@ -80,12 +80,13 @@ def test_gradients_reach_the_coefficients_and_nothing_else():
     assert all(p.grad is None for h in heads.values() for p in h.parameters())
 
 
-def test_step_gradient_equals_backprop_of_the_summed_loss():
-    """The batch-by-batch accumulation gives the gradient of the official summed loss."""
+@pytest.mark.parametrize("fuse", [True, False])
+def test_step_gradient_equals_backprop_of_the_summed_loss(fuse):
+    """Fused or batch-by-batch, the step's gradient is that of the official summed loss."""
     from mergeflow.adamerging.tune import _step
 
     encoder, _, _, tvs, heads, images = _setup()
-    config = AdaMergingConfig(mode="layer_wise", batch_size=4)
+    config = AdaMergingConfig(mode="layer_wise", batch_size=4, fuse_batches=fuse)
     names = [n for n, _ in encoder.named_parameters()]
     merge = DifferentiableMerge(dict(encoder.named_parameters()), [tvs[t] for t in TASKS])
     raw = nn.Parameter(torch.rand(len(names), 3))

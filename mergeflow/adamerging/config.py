@@ -32,6 +32,9 @@ class AdaMergingConfig(BaseModel):
     clamp_max: float | None = Field(1.0, description="forward-pass clamp; None disables the bound")
     task_vector_dtype: Literal["float32", "bfloat16"] = Field("float32", description="storage of the task vectors")
     seed: int = Field(0, description="seeds the per-step shuffles")
+    fuse_batches: bool = Field(
+        True, description="one forward over every task's batches of a step (same loss, faster); "
+        "false: one batch at a time (least activation memory)")
 
     @property
     def variant(self) -> str:

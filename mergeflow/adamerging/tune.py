@@ -8,9 +8,11 @@ batch-mean entropy of that task's frozen head; one optimizer step per iteration.
 
 How a step runs: theta(lambda) is built once from the device-resident base and task vectors
 (`DifferentiableMerge`); the encoder runs on it through `torch.func.functional_call` (no module
-copy). Each batch's loss is back-propagated to a detached copy of theta right away, so only one
-batch's activations are alive at a time; one final backward carries the accumulated
-d loss / d theta to lambda. The gradient is the same as back-propagating the summed loss.
+copy). By default every task's batches go through the encoder in ONE call (`fuse_batches`; each
+batch still gets its own head and batch-mean entropy, so the loss is unchanged) and the loss is
+back-propagated to a detached copy of theta; with `fuse_batches=False` each batch is
+back-propagated on its own (one batch's activations alive at a time). One final backward carries
+d loss / d theta to lambda. The gradient equals back-propagating the official summed loss.
 """
 
 from __future__ import annotations
@@ -132,19 +134,51 @@ def _step(encoder, merge, raw, heads, unlabelled, config, generator, device, fea
     """One AdaMerging iteration's forward/backward; leaves d loss / d raw in raw.grad."""
     coefs = clamp_coefficients(raw, config.clamp_min, config.clamp_max)
     merged = merge.merged(coefs)
-    # Leaves that collect d loss / d theta batch by batch (activations freed after each batch).
+    # Leaves that collect d loss / d theta; one final backward carries it on to the coefficients.
     leaves = {n: t.detach().requires_grad_(True) for n, t in merged.items()}
-    losses: dict[str, torch.Tensor] = {}
-    for task, head in heads.items():
-        inputs = unlabelled[task]
-        for idx in _batch_indices(_length(inputs), config, generator):
-            batch = _to_device(_index(inputs, idx), device)
-            out = _call(encoder, leaves, batch)
-            loss = mean_entropy(head(features(out)))
+    batches = [(task, _index(unlabelled[task], idx)) for task in heads
+               for idx in _batch_indices(_length(unlabelled[task]), config, generator)]
+    if config.fuse_batches and _concatenable([b for _, b in batches]):
+        losses = _fused_forward_backward(encoder, leaves, heads, batches, device, features)
+    else:
+        losses = {}
+        for task, batch in batches:  # backward per batch: one batch's activations alive at a time
+            out = _call(encoder, leaves, _to_device(batch, device))
+            loss = mean_entropy(heads[task](features(out)))
             loss.backward()
             losses[task] = losses.get(task, 0.0) + loss.detach()
     torch.autograd.backward(list(merged.values()), [leaves[n].grad for n in merged])
     return {t: float(v) for t, v in losses.items()}
+
+
+def _fused_forward_backward(encoder, leaves, heads, batches, device, features) -> dict[str, torch.Tensor]:
+    """All batches in one encoder call; each keeps its own head and batch-mean entropy."""
+    inputs = _concat([b for _, b in batches])
+    feats = features(_call(encoder, leaves, _to_device(inputs, device)))
+    total, losses, start = 0.0, {}, 0
+    for task, batch in batches:
+        stop = start + _length(batch)
+        loss = mean_entropy(heads[task](feats[start:stop]))
+        total = total + loss
+        losses[task] = losses.get(task, 0.0) + loss.detach()
+        start = stop
+    total.backward()
+    return losses
+
+
+def _concatenable(batches: list[Inputs]) -> bool:
+    """Same per-sample shapes (and keys) across every batch, so one tensor can hold them all."""
+    def shapes(b: Inputs):
+        if isinstance(b, torch.Tensor):
+            return (tuple(b.shape[1:]), b.dtype)
+        return tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in b.items()))
+    return len({shapes(b) for b in batches}) == 1
+
+
+def _concat(batches: list[Inputs]) -> Inputs:
+    if isinstance(batches[0], torch.Tensor):
+        return torch.cat(batches)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
 def _call(encoder: nn.Module, params: dict[str, torch.Tensor], batch: Inputs):
