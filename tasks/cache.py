@@ -132,14 +132,16 @@ def _record_exists(key: str) -> bool:
 @dataclasses.dataclass
 class RecordedOnce(CachePolicy):
     """For tasks that record rather than compute (MLflow runs): the same inputs are recorded
-    once. The key covers every input; a local sqlite store that was deleted records again."""
+    once. The key covers every input; after a local sqlite store was deleted, it records again."""
 
     task: str = ""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        uri = str(inputs.get("tracking_uri") or "")
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            return None
         body = {"task": self.task, "inputs": {k: canonical(v) for k, v in sorted(inputs.items())}}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+        uri = str(inputs.get("tracking_uri") or "")
+        store_gone = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+        if store_gone and _record_exists(key):
+            return None  # recorded into a store that was deleted since: record again
+        return key
