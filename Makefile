@@ -15,11 +15,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast lint bench clean ui help
+.PHONY: setup run test test-integration test-fast lint bench clean ui help
 
 help:
 	@echo "make run    set up, then run the default merge pipeline on the embedded zoo"
 	@echo "make test   set up, then run the test suite"
+	@echo "make test-integration   real Prefect/MLflow servers, Dask, DVC remote (CI step 2)"
 	@echo "make ui     open the MLflow UI on the project's tracking store"
 	@echo "make bench  run the benchmarks in bench/"
 
@@ -49,7 +50,11 @@ run: setup
 	$(BIN)/mergeflow run params.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x --durations=15 -m "not integration"
+
+# Real servers (prefect server, mlflow server, a worker), a Dask cluster, a DVC remote: infra/README.md.
+test-integration: setup
+	$(BIN)/python -m pytest -q -x --durations=10 -m integration tests/integration
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -x -m "not slow and not integration"
