@@ -72,9 +72,9 @@ def sweep(args: argparse.Namespace) -> int:
     params = _load(args)
     if params is None:
         return 2
-    from flows.sweep import format_sweep, sweep_flow
+    from flows.sweep import format_sweep, run_sweep
 
-    result = sweep_flow(params)
+    result = run_sweep(params)
     print(format_sweep(result))
     return 0
 

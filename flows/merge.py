@@ -37,40 +37,50 @@ from tasks.zoo import build_zoo
 def merge_pipeline(params: Params) -> dict[str, Any]:
     """Build/reuse the zoo, merge with every method of params (primary + compare), evaluate,
     track, and write the outputs. Returns the report (also written to outputs.report)."""
-    store, device = str(params.path(params.artifacts)), params.resolved_device()
+    inputs = gather_inputs(params)
+    split = params.evaluation.split
+    pretrained_acc = evaluate(inputs, inputs.base, inputs.tasks, split)
+    expert_acc = expert_accuracy(inputs, split)
 
-    zoo = build_zoo(store, params.zoo.zoo_spec())
-    publish(zoo, params.path(params.zoo.dir))
-    tasks = params.evaluation.tasks or zoo.summary["tasks"]
-
-    base = fetch_checkpoint(f"{zoo.path}/pretrained")
-    experts = {t: fetch_checkpoint(f"{zoo.path}/experts/{t}") for t in zoo.summary["tasks"]}
-    task_vectors = extract_task_vectors(store, base, experts)
-
-    def evaluate(model, on: list[str]) -> dict[str, float]:
-        ev = params.evaluation
-        ref = evaluate_model(store, model, zoo, on, ev.split, ev.batch_size, ev.limit, device)
-        return ref.summary["accuracy"]
-
-    pretrained_acc = evaluate(base, tasks)
-    expert_acc = {t: evaluate(experts[t], [t])[t] for t in tasks}
-
-    inputs = MergeInputs(store=store, params=params, zoo=zoo, tasks=tasks, base=base,
-                         models=experts, task_vectors=task_vectors, device=device)
     results = []
     for choice in params.methods():
         merged = merge_method(inputs, choice)
-        accuracy = evaluate(merged, tasks)
-        result = MergeResult(choice.label, choice.method, choice.hparams(), accuracy, merged)
-        results.append(result)
+        accuracy = evaluate(inputs, merged, inputs.tasks, split)
+        results.append(MergeResult(choice.label, choice.method, choice.hparams(), accuracy, merged))
         if params.tracking.enabled:
-            track(params, choice, accuracy, expert_acc, pretrained_acc, base, experts, merged)
+            track(params, choice, accuracy, expert_acc, pretrained_acc, inputs.base, inputs.models, merged)
 
     publish(results[0].merged, params.path(params.outputs.merged))
-    report = Report(tasks=tasks, split=params.evaluation.split, pretrained=pretrained_acc,
+    report = Report(tasks=inputs.tasks, split=split, pretrained=pretrained_acc,
                     experts=expert_acc, merges=results)
     report.write(params)
     return report.to_dict()
+
+
+def gather_inputs(params: Params) -> MergeInputs:
+    """zoo -> fetch checkpoints -> task vectors: everything a merge starts from."""
+    store, device = str(params.path(params.artifacts)), params.resolved_device()
+    zoo = build_zoo(store, params.zoo.zoo_spec())
+    publish(zoo, params.path(params.zoo.dir))
+    base = fetch_checkpoint(f"{zoo.path}/pretrained")
+    experts = {t: fetch_checkpoint(f"{zoo.path}/experts/{t}") for t in zoo.summary["tasks"]}
+    task_vectors = extract_task_vectors(store, base, experts)
+    return MergeInputs(store=store, params=params, zoo=zoo,
+                       tasks=params.evaluation.tasks or zoo.summary["tasks"], base=base,
+                       models=experts, task_vectors=task_vectors, device=device)
+
+
+def evaluate(inputs: MergeInputs, model: Any, tasks: list[str], split: str) -> dict[str, float]:
+    """Per-task accuracy of `model` (any reference with a path and a content hash)."""
+    ev = inputs.params.evaluation
+    ref = evaluate_model(inputs.store, model, inputs.zoo, tasks, split, ev.batch_size, ev.limit,
+                         inputs.device)
+    return ref.summary["accuracy"]
+
+
+def expert_accuracy(inputs: MergeInputs, split: str) -> dict[str, float]:
+    """Each expert on its own task: the reference that normalized accuracy divides by."""
+    return {t: evaluate(inputs, inputs.models[t], [t], split)[t] for t in inputs.tasks}
 
 
 def track(params: Params, choice: MethodChoice, accuracy, expert_acc, pretrained_acc, base,

@@ -135,3 +135,41 @@ def test_changing_lam_reruns_only_what_depends_on_it(project):
     assert all(s == "Cached" for s in states["build_zoo"] + states["extract_task_vectors"])
     metrics = json.loads((root / "outputs" / "metrics.json").read_text())
     assert metrics["method"] == "task_arithmetic(lam=0.5)"
+
+
+def test_sweep_chooses_on_validation_and_logs_every_point(project):
+    root, params, _, _ = project
+    from mlflow import MlflowClient
+
+    from flows.merge import evaluate, gather_inputs
+    from flows.sweep import run_sweep
+
+    sweep_params = params.model_copy(update={"sweep": params.sweep.model_copy(
+        update={"grid": {"task_arithmetic": {"lam": [0.3, 1.0, 0.05]}}, "workers": 2})})
+    result = run_sweep(sweep_params)
+    r = result["methods"]["task_arithmetic"]
+    assert [p["label"] for p in r["points"]] == [
+        "task_arithmetic(lam=0.3)", "task_arithmetic(lam=1.0)", "task_arithmetic(lam=0.05)"]
+    best = max(r["points"], key=lambda p: p["val_average"])
+    assert r["chosen"] == best["label"]
+
+    # The points were scored on the validation split, the chosen one reported on test.
+    from prefect import flow
+
+    @flow
+    def check():
+        inputs = gather_inputs(params)
+        chosen = next(p for p in r["points"] if p["label"] == r["chosen"])
+        ref = type("Ref", (), chosen["merged"])  # path + content_hash: all evaluate needs
+        return (evaluate(inputs, ref, inputs.tasks, "val"), evaluate(inputs, ref, inputs.tasks, "test"))
+
+    val, test = check()
+    assert val == best["val"] and test == r["test"]
+
+    client = MlflowClient(tracking_uri=params.tracking_uri())
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    parents = client.search_runs([exp.experiment_id], "attributes.run_name = 'sweep task_arithmetic'")
+    assert len(parents) == 1 and parents[0].data.params["sweep.chosen"] == r["chosen"]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert len(children) == 3
+    assert sum(c.data.tags["mergeflow.sweep.chosen"] == "True" for c in children) == 1
