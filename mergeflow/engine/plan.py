@@ -19,7 +19,7 @@ from mergeflow.compatibility import IncompatibleCheckpoints, check_compatible, i
 from mergeflow.engine.reader import TensorSource
 from mergeflow.methods import Hyperparams, MergeMethod, get_method
 
-DEFAULT_CHUNK_ELEMS = 1 << 21  # entries per model in one unit of work
+DEFAULT_CHUNK_ELEMS = 1 << 20  # entries per model in one unit of work
 MANIFEST_FILE = "mergeflow_manifest.json"
 
 

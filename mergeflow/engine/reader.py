@@ -35,14 +35,19 @@ class TensorSource:
     def path(self) -> Path:
         return self.checkpoint.path
 
-    def read(self, name: str, row_start: int | None = None, row_end: int | None = None) -> torch.Tensor:
-        """Tensor `name` (storage dtype, CPU), or its rows [row_start, row_end) along dim 0."""
+    def read(self, name: str, row_start: int | None = None, row_end: int | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` (storage dtype, CPU), or its rows [row_start, row_end) along dim 0.
+
+        `out`: a contiguous tensor of the storage dtype and the right size to read into.
+        """
         info = self.checkpoint.info(name)
         shape = info.shape
         whole = row_start is None or not shape
         if name not in self._location:  # pickle checkpoint: already in memory
             t = self.checkpoint.get(name)
-            return t if whole else t[row_start:row_end]
+            t = t if whole else t[row_start:row_end]
+            return t if out is None else out.copy_(t.reshape(out.shape))
         row_elems = 1
         for s in shape[1:]:
             row_elems *= s
@@ -53,11 +58,16 @@ class TensorSource:
             out_shape = (row_end - row_start, *shape[1:])
         itemsize = info.dtype.itemsize
         nbytes = (row_end - row_start) * row_elems * itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if out is not None:
+            if out.dtype != info.dtype or out.numel() * itemsize != nbytes or not out.is_contiguous():
+                raise ValueError(f"read({name!r}): `out` must be a contiguous {info.dtype} of {nbytes} bytes")
+            buf = out.reshape(-1).view(torch.uint8)
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             file, offset = self._location[name]
             self._pread(file, offset + row_start * row_elems * itemsize, buf)
-        return buf.view(info.dtype).reshape(out_shape)
+        return buf.view(info.dtype).reshape(out_shape) if out is None else out
 
     def _pread(self, file: Path, offset: int, buf: torch.Tensor) -> None:
         fd = self._fds.get(file)

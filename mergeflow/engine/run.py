@@ -38,7 +38,7 @@ import torch
 
 from mergeflow.engine.manifest import copy_side_files, model_card
 from mergeflow.engine.plan import DEFAULT_CHUNK_ELEMS, MANIFEST_FILE, MergePlan, Unit, plan_merge
-from mergeflow.engine.selection import SAMPLE_TARGET, PassReduction
+from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET, PassReduction
 from mergeflow.engine.writer import StreamingCheckpointWriter
 from mergeflow.methods import GlobalStats, StatPass, TensorGroup
 
@@ -76,6 +76,8 @@ def merge_checkpoints(
     out_dtype: torch.dtype | None = None,
     recipe: dict | None = None,
     dry_run: bool = False,
+    kth_cap: int = DEFAULT_CAP,
+    kth_sample: int = SAMPLE_TARGET,
 ) -> MergeResult | MergePlan:
     """Merge checkpoint directories (or .safetensors files) of one base into `out_dir`.
 
@@ -84,7 +86,9 @@ def merge_checkpoints(
     `mergeflow.sources.resolve_checkpoint` (content hashes, cached on disk by file stat).
     `out_dtype` sets the stored dtype of merged float tensors (default: the base's dtype).
     `recipe` (the recipe as a dict) is recorded in the manifest. With `dry_run`, only the checks
-    and the estimate run, and the plan is returned.
+    and the estimate run, and the plan is returned. `kth_cap` (values kept per task by the
+    exact quantile selection) and `kth_sample` (values sampled to place its window) trade
+    memory for passes; results never depend on them.
     """
     t0 = time.perf_counter()
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
@@ -98,7 +102,8 @@ def merge_checkpoints(
         hashes = list(input_hashes) if input_hashes is not None else _content_hashes(
             [base_dir, *model_dirs], allow_pickle)
         with _torch_threads(1 if (workers > 1 and plan.device.type == "cpu") else None):
-            stats = compute_global_stats(plan, workers=workers, progress=progress)
+            stats = compute_global_stats(plan, workers=workers, progress=progress, kth_cap=kth_cap,
+                                         kth_sample=kth_sample)
             result = _merge_pass(plan, stats, Path(out_dir), hashes, recipe, out_dtype, workers=workers,
                                  progress=progress, max_shard_bytes=max_shard_bytes, t0=t0)
     finally:
@@ -124,17 +129,18 @@ def estimate(plan: MergePlan, workers: int) -> str:
 
 # ---- global statistics ------------------------------------------------------------------------
 
-def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = False) -> dict[str, torch.Tensor]:
+def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = False,
+                         kth_cap: int = DEFAULT_CAP, kth_sample: int = SAMPLE_TARGET) -> dict[str, torch.Tensor]:
     """Run the method's StatPasses over all float tensors; exact, bounded memory."""
     stats: dict[str, torch.Tensor] = {}
     float_units = [u for u in plan.units if u.name in plan.float_names]
     checked = False
     for i, stat_pass in enumerate(plan.method.stat_passes):
-        reduction = PassReduction(stat_pass.reductions(plan.params))
+        reduction = PassReduction(stat_pass.reductions(plan.params), cap=kth_cap)
         if not reduction.reductions:
             continue
         if reduction.wants_sample() and plan.elementwise:
-            _set_windows(plan, stat_pass, reduction, stats, float_units, workers)
+            _set_windows(plan, stat_pass, reduction, stats, float_units, workers, kth_sample)
         while True:
             check = not checked
 
@@ -153,7 +159,7 @@ def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = 
 
 
 def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, stats: GlobalStats,
-                 units: list[Unit], workers: int) -> None:
+                 units: list[Unit], workers: int, sample_target: int) -> None:
     """Sample a few rows of every unit to place the k-th value windows (one cheap pass)."""
     total = sum(u.elems for u in units)
     sources = {h.source for h in reduction.reductions.values() if h.kind == "kth"}
@@ -161,7 +167,7 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction,
         empty = {s: torch.zeros(plan.n, 1) for s in sources}
         reduction.set_windows(empty, 1.0, {s: total for s in sources})
         return
-    fraction = min(1.0, SAMPLE_TARGET / max(1, total))
+    fraction = min(1.0, sample_target / max(1, total))
     sub_units = [_sub_unit(plan, u, fraction) for u in units] if fraction < 1.0 else units
     sampled = sum(u.elems for u in sub_units)
 
@@ -176,7 +182,7 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction,
     samples = {s: torch.cat(v, dim=1) for s, v in collected.items() if v}
     real_fraction = sampled / max(1, total)
     expected = {s: round(v.shape[1] / real_fraction) for s, v in samples.items()}
-    reduction.set_windows(samples, 1.0 if fraction >= 1.0 else real_fraction, expected)
+    reduction.set_windows(samples, real_fraction, expected)
 
 
 def _sub_unit(plan: MergePlan, unit: Unit, fraction: float) -> Unit:
@@ -259,11 +265,14 @@ def _manifest(plan: MergePlan, stats: GlobalStats, hashes: list[str], output_has
 # ---- shared machinery -------------------------------------------------------------------------
 
 def _read_group(plan: MergePlan, unit: Unit, *, check_finite: bool) -> TensorGroup:
-    def load(src):
-        return src.read(unit.name, unit.row_start, unit.row_end).to(plan.device).to(torch.float32)
-
-    base = load(plan.base)
-    models = torch.stack([load(m) for m in plan.models])
+    # Read base and models into one stacked buffer, then convert to float32 once.
+    info = plan.base.checkpoint.info(unit.name)
+    shape = info.shape if unit.row_start is None else (unit.row_end - unit.row_start, *info.shape[1:])
+    raw = torch.empty((plan.n + 1, unit.elems), dtype=info.dtype)
+    for i, src in enumerate([plan.base, *plan.models]):
+        src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
+    full = raw.to(device=plan.device, dtype=torch.float32)
+    base, models = full[0].reshape(shape), full[1:].reshape((plan.n, *shape))
     if check_finite:
         _check_finite(plan, unit, base, models)
     return TensorGroup(unit.name, base, models, unit.offset)

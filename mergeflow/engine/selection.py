@@ -44,6 +44,12 @@ def key_to_value(keys: torch.Tensor) -> torch.Tensor:
     return (keys ^ ((keys >> 31) & _MAGNITUDE_BITS)).view(torch.float32)
 
 
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row count of True as int64 (an int32 sum is much faster; it is exact below 2**31)."""
+    dtype = torch.int32 if mask.shape[1] < 2**31 else torch.int64
+    return mask.sum(dim=1, dtype=dtype).to(torch.int64).cpu()
+
+
 class KthSelection:
     """State of one exact k-th-smallest reduction across passes."""
 
@@ -66,7 +72,7 @@ class KthSelection:
 
     def set_window(self, sample: torch.Tensor, sample_fraction: float, expected_d: int) -> None:
         """Choose [lo, hi] per row from sampled values (rows, s) so the rank falls inside."""
-        if sample_fraction >= 1.0:  # every value fits: keep them all
+        if expected_d <= self.cap:  # every value fits: keep them all
             self.mode, self.lo, self.hi = "window", torch.tensor([-math.inf]), torch.tensor([math.inf])
             return
         rows, s = sample.shape
@@ -88,7 +94,7 @@ class KthSelection:
         v = values.reshape(values.shape[0], -1)
         if self.mode == "window":
             lo, hi = self.lo.to(v.device).unsqueeze(1), self.hi.to(v.device).unsqueeze(1)
-            below = (v < lo).sum(dim=1).cpu()
+            below = _count(v < lo)
             inside = (v >= lo) & (v <= hi)
             kept = [v[r][inside[r]].to(torch.float32).cpu() for r in range(v.shape[0])]
             return v.shape[1], below, kept

@@ -1,0 +1,229 @@
+"""The streaming engine: bitwise equal to the in-memory merge, exact streaming statistics,
+checks before any output, atomic output with manifest, model card and side files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mergeflow
+from mergeflow.checkpoint import load_state_dict
+from mergeflow.checkpoint_writer import save_checkpoint
+from mergeflow.engine import MergeConfigError, NonFiniteInput, merge_checkpoints
+from mergeflow.engine.selection import PassReduction
+from mergeflow.hashing import hash_checkpoint
+from mergeflow.methods import Reduce
+from mergeflow.statistics import reduce_rows
+
+SHAPES = {
+    "embed.weight": (40, 8), "layers.0.attn.weight": (24, 16), "layers.0.attn.bias": (24,),
+    "layers.0.norm.weight": (8,), "dead.weight": (6, 5), "scale": (),
+}
+CONFIG = {"model_type": "toy", "vocab_size": 40}
+
+
+def _state(seed: int, base: dict | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, s in SHAPES.items():
+        if base is None:
+            sd[k] = torch.randn(s, generator=g)
+        elif k == "dead.weight":
+            sd[k] = base[k].clone()  # a tensor no fine-tune moves: tau exactly 0
+        else:  # deltas on a coarse grid: ties at thresholds, exact cancellations
+            sd[k] = base[k] + torch.randint(-4, 5, s, generator=g).float() / 8
+    sd["lm_head.bf16"] = (torch.randn(10, 8, generator=g) if base is None
+                          else base["lm_head.bf16"].float() + 0.25 * torch.randn(10, 8, generator=g)).to(torch.bfloat16)
+    sd["position_ids"] = torch.arange(7) if base is None else torch.arange(7) * (seed + 2)
+    sd["mask"] = torch.tensor([True, False]) if base is None else torch.tensor([False, True])
+    return sd
+
+
+def _write(sd: dict, path, config: dict | None = CONFIG):
+    save_checkpoint(sd, path, config=config, max_shard_bytes=1500)  # several shards
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 16}\n')
+    return path
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine_zoo")
+    base = _state(0)
+    fts = [_state(i + 1, base) for i in range(3)]
+    dirs = [_write(base, root / "base")] + [_write(ft, root / f"ft{i}") for i, ft in enumerate(fts)]
+    return {"root": root, "base": base, "fts": fts, "base_dir": dirs[0], "ft_dirs": dirs[1:]}
+
+
+CASES = [
+    ("task_arithmetic", {"lam": 0.3}, 3),
+    ("task_arithmetic", {"lam": [0.2, 0.5, 1.0]}, 3),
+    ("ties", {"k": 0.2, "lam": 1.0, "agg": "mean"}, 3),
+    ("ties", {"k": 0.35, "lam": 0.8, "agg": "sum"}, 3),
+    ("ties", {"k": 0.5, "lam": [1.0, 0.5, 2.0], "agg": "max"}, 3),
+    ("ties", {"k": 0.2, "trim_scope": "tensor"}, 3),
+    ("dare", {"p": 0.5, "lam": 0.7, "seed": 3}, 3),
+    ("dare_ties", {"p": 0.3, "agg": "mean", "seed": 1}, 3),
+    ("slerp", {"t": 0.3}, 2),
+    ("average", {}, 3),
+]
+
+
+@pytest.mark.parametrize("method, hp, n", CASES, ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(CASES)])
+def test_streaming_equals_in_memory_bitwise(zoo, tmp_path, method, hp, n):
+    out = tmp_path / "out"
+    # Tiny chunks force row-chunked units; two workers finish them out of order.
+    result = merge_checkpoints(method, zoo["base_dir"], zoo["ft_dirs"][:n], out, hp, progress=False,
+                               workers=2, chunk_elems=50, input_hashes=["h"] * (n + 1))
+    expected = mergeflow.merge(method, zoo["base"], zoo["fts"][:n], **hp)
+    got = load_state_dict(out)
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype, k
+        assert torch.equal(got[k], expected[k]), k
+    assert result.output_hash == hash_checkpoint(out)
+
+
+@pytest.mark.parametrize("cap, sample", [(10**6, 10**6), (150, 60), (40, 10**6), (1, 10**6)],
+                         ids=["keep-all", "sampled-window", "radix-collect", "radix-low-bits"])
+def test_ties_thresholds_exact_in_every_selection_mode(zoo, tmp_path, cap, sample):
+    hp = {"k": 0.3}
+    result = merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", hp, progress=False,
+                               chunk_elems=64, kth_cap=cap, kth_sample=sample, input_hashes=["h"] * 4)
+    expected = mergeflow.merge("ties", zoo["base"], zoo["fts"], **hp)
+    got = load_state_dict(tmp_path / "o")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert len(result.stats["ties_threshold"]) == 3
+
+
+def _chunks(values: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(values, sizes, dim=1))
+
+
+@pytest.mark.parametrize("cap", [10**6, 500, 3, 1])
+def test_streaming_reductions_equal_the_in_memory_reference(cap):
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(-50, 50, (3, 2000), generator=g).float() / 7  # many ties
+    values[0, :300] = -0.0
+    values[1, 100:200] = 0.0
+    reductions = {
+        "lo": Reduce("x", "kth", rank=lambda d: 1), "q": Reduce("x", "kth", rank=lambda d: d - int(0.2 * d)),
+        "hi": Reduce("x", "kth", rank=lambda d: d), "mid": Reduce("x", "kth", rank=lambda d: d // 2),
+        "min": Reduce("x", "min"), "max": Reduce("x", "max"), "n": Reduce("s", "sum"),
+    }
+    signs = torch.sign(values)
+    red = PassReduction(reductions, cap=cap)
+    rounds = 0
+    while True:
+        for part, s in zip(_chunks(values, [700, 1, 999, 300]), _chunks(signs, [700, 1, 999, 300]), strict=True):
+            red.absorb(red.summarize({"x": part, "s": s}))
+        rounds += 1
+        if red.finish_round():
+            break
+    assert rounds <= 3
+    for name, how in reductions.items():
+        ref = reduce_rows(signs if how.source == "s" else values, how)
+        assert torch.equal(red.results[name], ref), name
+
+
+def test_sampled_window_finds_the_quantile_in_one_pass():
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(2, 100_000, generator=g).abs()
+    how = {"t": Reduce("x", "kth", rank=lambda d: d - int(0.2 * d))}
+    red = PassReduction(how, cap=20_000)
+    red.set_windows({"x": values[:, ::50]}, 1 / 50, {"x": 100_000})
+    for part in torch.split(values, 7_000, dim=1):
+        red.absorb(red.summarize({"x": part}))
+    assert red.finish_round()  # one pass
+    assert torch.equal(red.results["t"], values.kthvalue(100_000 - 20_000, dim=1).values)
+
+
+def _listing(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_mismatched_checkpoints_are_refused_before_any_output(zoo, tmp_path):
+    bad = dict(zoo["fts"][0], **{"layers.0.attn.weight": torch.zeros(24, 17)})
+    bad_dir = _write(bad, tmp_path / "bad")
+    before = _listing(tmp_path)
+    with pytest.raises(MergeConfigError, match=r"layers.0.attn.weight has shape \[24, 17\]"):
+        merge_checkpoints("ties", zoo["base_dir"], [bad_dir], tmp_path / "out", {}, progress=False)
+    assert _listing(tmp_path) == before
+
+
+def test_padded_vocabulary_is_a_clear_error(zoo, tmp_path):
+    padded = dict(zoo["fts"][0], **{"embed.weight": torch.zeros(48, 8)})
+    with pytest.raises(MergeConfigError, match="vocab_size 48"):
+        merge_checkpoints("ties", zoo["base_dir"], [_write(padded, tmp_path / "p", dict(CONFIG, vocab_size=48))],
+                          tmp_path / "out", {}, progress=False)
+    with pytest.raises(MergeConfigError, match="never truncates"):
+        merge_checkpoints("ties", zoo["base_dir"], [_write(padded, tmp_path / "q", None)],
+                          tmp_path / "out", {}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_input_is_refused_and_leaves_no_output(zoo, tmp_path):
+    broken = {k: v.clone() for k, v in zoo["fts"][1].items()}
+    broken["layers.0.attn.weight"][3, 4] = float("nan")
+    broken_dir = _write(broken, tmp_path / "nan")
+    for method in ("task_arithmetic", "ties"):
+        with pytest.raises(NonFiniteInput, match="layers.0.attn.weight contains NaN"):
+            merge_checkpoints(method, zoo["base_dir"], [zoo["ft_dirs"][0], broken_dir], tmp_path / "out", {},
+                              progress=False, input_hashes=["h"] * 3)
+        assert _listing(tmp_path) == ["nan"]  # no output, no temp dir
+
+
+def test_bad_hyperparameters_and_lam_lists_are_refused_first(zoo, tmp_path):
+    with pytest.raises(MergeConfigError, match="agg"):
+        merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", {"agg": "median"}, progress=False)
+    with pytest.raises(MergeConfigError, match="lam has 2 values"):
+        merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", {"lam": [1, 2]}, progress=False)
+    with pytest.raises(MergeConfigError, match="overlaps input"):
+        merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], zoo["ft_dirs"][0] / "sub", {}, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(MergeConfigError, match="not an earlier mergeflow output"):
+        merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "mine", {}, progress=False)
+    assert _listing(tmp_path) == ["mine"]
+
+
+def test_output_has_manifest_card_side_files_and_is_deterministic(zoo, tmp_path):
+    hp = {"k": 0.2, "lam": 1.0}
+    a = merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "a", hp, progress=False,
+                          input_hashes=["b0", "m1", "m2", "m3"])
+    b = merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "b", hp, progress=False,
+                          workers=1, chunk_elems=10**6, input_hashes=["b0", "m1", "m2", "m3"])
+    assert a.output_hash == b.output_hash == hash_checkpoint(tmp_path / "a")
+    files = _listing(tmp_path / "a")
+    assert {"config.json", "tokenizer_config.json", "README.md", "mergeflow_manifest.json"} <= set(files)
+    assert "model.safetensors.index.json" not in files or len([f for f in files if f.endswith(".safetensors")]) > 1
+    manifest = json.loads((tmp_path / "a" / "mergeflow_manifest.json").read_text())
+    assert manifest["method"] == "ties" and manifest["hyperparameters"]["k"] == 0.2
+    assert manifest["base"]["content_hash"] == "b0" and [m["content_hash"] for m in manifest["models"]] == ["m1", "m2", "m3"]
+    assert manifest["output_hash"] == a.output_hash and manifest["mergeflow_version"] == mergeflow.__version__
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "ties" in card and a.output_hash in card
+    assert json.loads((tmp_path / "a" / "config.json").read_text()) == CONFIG
+    # Re-running onto an earlier mergeflow output replaces it atomically.
+    c = merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "a", hp, progress=False,
+                          input_hashes=["b0", "m1", "m2", "m3"])
+    assert c.output_hash == a.output_hash and _listing(tmp_path) == ["a", "b"]
+
+
+def test_sharded_output_and_out_dtype(zoo, tmp_path):
+    merge_checkpoints("task_arithmetic", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", {"lam": 0.5},
+                      progress=False, max_shard_bytes=1000, out_dtype=torch.bfloat16, input_hashes=["h"] * 4)
+    index = json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    got = load_state_dict(tmp_path / "o")
+    expected = mergeflow.merge("task_arithmetic", zoo["base"], zoo["fts"], lam=0.5)
+    assert got["embed.weight"].dtype == torch.bfloat16
+    assert torch.equal(got["embed.weight"], expected["embed.weight"].to(torch.bfloat16))
+    assert torch.equal(got["position_ids"], zoo["base"]["position_ids"])
+
+
+def test_dry_run_checks_and_writes_nothing(zoo, tmp_path, capsys):
+    plan = merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", {}, dry_run=True)
+    assert plan.n == 3 and not (tmp_path / "o").exists()
+    assert "estimated time" in capsys.readouterr().err
