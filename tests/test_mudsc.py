@@ -1,0 +1,233 @@
+"""MuDSC library: exact recovery of permuted copies, graph constraints, matchers, BN reset."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mergeflow.mudsc import mudsc, weight_matching, zipit
+from mergeflow.mudsc.activations import collect_moments
+from mergeflow.mudsc.apply import merge_state_dicts, unmerge_head
+from mergeflow.mudsc.bn_reset import reset_bn_stats
+from mergeflow.mudsc.graph import UnsupportedModelError, build_graph
+from mergeflow.mudsc.matching import group_match, merge_unmerge, permute_match, zip_match
+from mergeflow.mudsc.models import Classifier, build_backbone
+from mergeflow.mudsc.similarity import activation_correlation
+
+TINY_WIDTH = {"mlp": 16, "resnet_bn": 8, "cnn_gn": 8, "vit": 16}
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """Probe images: centred noise keeps every unit of a random-init model alive (real digits
+    leave some ReLUs of an untrained model constant, which makes exact recovery ambiguous)."""
+    return torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def tiny_model(family: str, images: torch.Tensor, seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    model = Classifier(build_backbone(family, TINY_WIDTH[family]), list(range(5)))
+    if family == "mlp":  # PyTorch's default Linear init shrinks activations layer by layer
+        for m in model.backbone.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+    reset_bn_stats(model, images)  # realistic BN statistics (no-op without BN)
+    return model.eval()
+
+
+def permuted_copy(model: Classifier, images: torch.Tensor, seed: int = 1) -> Classifier:
+    """The same function with every merge point's units shuffled (groups shuffled as wholes;
+    every block's q/k and v heads get the same head permutation, as attention requires)."""
+    graph = build_graph(model.backbone, images)
+    gen = torch.Generator().manual_seed(seed)
+    head_order: dict[int, torch.Tensor] = {}
+    mats = []
+    for p in graph.points:
+        groups = p.size // p.group_size
+        if groups not in head_order:
+            head_order[groups] = torch.randperm(groups, generator=gen)
+        order = torch.cat([g * p.group_size + torch.randperm(p.group_size, generator=gen) for g in head_order[groups]])
+        perm = torch.zeros(p.size, p.size, dtype=torch.float64)
+        perm[torch.arange(p.size), order] = 1.0
+        mats.append((perm, perm.T.clone()))
+    other = copy.deepcopy(model)
+    other.backbone.load_state_dict(merge_state_dicts([model.backbone.state_dict()], graph, mats))
+    with torch.no_grad():
+        other.head.weight.copy_(unmerge_head(model.head.weight, graph, mats, 0))
+    return other.eval()
+
+
+def has_dead_units(model: Classifier, images: torch.Tensor) -> bool:
+    """A unit constant on the data correlates 0 with everything: activation matching is then
+    ambiguous for it (as in ZipIt!), so exact-recovery tests use models without one."""
+    graph = build_graph(model.backbone, images)
+    moments = collect_moments([model.backbone], graph, images)
+    return any(torch.diagonal(m.second_moment - torch.outer(m.mean, m.mean)).min() < 1e-10 for m in moments)
+
+
+@pytest.mark.parametrize("family", ["mlp", "resnet_bn", "cnn_gn", "vit"])
+def test_merging_a_permuted_copy_gives_back_the_model(family, images):
+    model = next(m for m in (tiny_model(family, images, seed) for seed in range(20)) if not has_dead_units(m, images))
+    other = permuted_copy(model, images)
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.allclose(other(images), expected, atol=1e-5)
+        assert not torch.allclose(other.backbone(images), model.backbone(images), atol=1e-3)  # really shuffled
+    for name, merge in [("weight matching", lambda: weight_matching([model, other], images, patience=2)),
+                        ("zipit", lambda: zipit([model, other], images)),
+                        ("mudsc zip", lambda: mudsc([model, other], images, patience=2))]:
+        merged = merge().model
+        with torch.no_grad():
+            out = merged(images)
+        assert torch.allclose(out[:, :5], expected, atol=1e-4), f"{family}: {name} did not recover the model"
+        assert torch.allclose(out[:, 5:], expected, atol=1e-4), f"{family}: {name} broke the permuted head"
+
+
+def _point_of(graph, tensor: str, axis: int = 0, start: int = 0):
+    return next(i for i, p in enumerate(graph.points) for e in p.entries
+                if e.tensor == tensor and e.axis == axis and e.start == start)
+
+
+def test_residual_stream_is_one_merge_point(images):
+    resnet = build_graph(build_backbone("resnet_bn", 8), images)
+    stream = _point_of(resnet, "stem.0.weight")
+    for name in ("stem.1.weight", "layer1.0.conv2.weight", "layer1.0.bn2.running_var"):
+        assert _point_of(resnet, name) == stream
+    assert _point_of(resnet, "layer1.0.conv1.weight", axis=1) == stream
+    assert _point_of(resnet, "layer2.0.shortcut.0.weight", axis=1) == stream
+    assert _point_of(resnet, "layer2.0.shortcut.1.weight") == _point_of(resnet, "layer2.0.conv2.weight")
+    assert len(resnet.points) == 4  # stem stream, block-1 hidden, block-2 hidden, stage-2 stream
+    vit = build_graph(build_backbone("vit", 16), images)
+    stream = _point_of(vit, "patch_embed.weight")
+    for name, axis in [("cls_token", 2), ("pos_embed", 2), ("blocks.1.norm1.weight", 0),
+                       ("blocks.0.attn.proj.bias", 0), ("blocks.1.mlp.fc2.weight", 0), ("norm.bias", 0),
+                       ("blocks.1.attn.qkv.weight", 1), ("blocks.0.mlp.fc1.weight", 1)]:
+        assert _point_of(vit, name, axis) == stream, name
+    assert vit.points[stream].is_output
+
+
+def test_attention_heads_never_mix(images):
+    models = [tiny_model("vit", images, seed) for seed in (0, 1)]
+    result = mudsc(models, images, max_iter=2)
+    graph = result.graph
+    for p, point in enumerate(graph.points):
+        if point.group_size == point.size:
+            continue
+        hd, o = point.group_size, point.size
+        assign = result.matching.assignments[p]
+        assert point.name.endswith((".qk", ".v")) and hd == 4
+        for k in range(2):
+            for unit in range(o):
+                merged_head = int(assign[k * o + unit]) // hd
+                same_head = [int(assign[k * o + u]) // hd for u in range(unit - unit % hd, unit - unit % hd + hd)]
+                assert set(same_head) == {merged_head}  # one source head -> one merged head
+    qk = _point_of(graph, "blocks.0.attn.qkv.weight", 0, 0)
+    assert _point_of(graph, "blocks.0.attn.qkv.weight", 0, 16) == qk  # q and k share the matching
+    assert _point_of(graph, "blocks.0.attn.qkv.weight", 0, 32) != qk  # v has its own
+
+
+def test_zip_by_hand():
+    # units: a0 a1 | b0 b1. b1 ~ a0 (0.9), b0 ~ a1 (0.8), a0 ~ a1 (0.85): zip takes 0.9, then a0's
+    # merged row is min(...) * 0.5, so 0.85 drops below 0.8 and b0 joins a1.
+    s = torch.tensor([[1.0, 0.85, 0.1, 0.9],
+                      [0.85, 1.0, 0.8, 0.2],
+                      [0.1, 0.8, 1.0, 0.0],
+                      [0.9, 0.2, 0.0, 1.0]])
+    assign, value = zip_match(s, 2, a=0.5, b=1.0)
+    assert assign.tolist() == [0, 1, 1, 0] and value == pytest.approx((0.9 + 0.8) / 2)
+    # with no discount (a=1) the same-model pair a0-a1 (0.85 vs min(0.85, 0.2)=0.2) merges first...
+    assign, _ = zip_match(s, 2, a=1.0, b=1.0)
+    assert assign.tolist() == [0, 1, 1, 0]
+    # ... and a same-model merge happens when it is the best: budget b=1 allows 1 per model
+    s2 = s.clone()
+    s2[0, 1] = s2[1, 0] = 0.95
+    assign, _ = zip_match(s2, 2, a=0.5, b=1.0)
+    # a0+a1 (0.95) spends model a's budget; the merged row min(a0, a1) * 0.5 = [b0 0.05, b1 0.1]
+    # still beats b0-b1 (0.0), so b1 joins them and b0 stays alone
+    assert assign.tolist() == [0, 0, 1, 0]
+    assign, _ = zip_match(s2, 2, a=0.5, b=0.0)  # no budget: no same-model merges
+    assert assign.tolist() == [0, 1, 1, 0]
+    merge, unmerge = merge_unmerge(torch.tensor([0, 1, 1, 0]), 2)
+    assert merge.tolist() == [[0.5, 0, 0, 0.5], [0, 0.5, 0.5, 0]]
+    assert unmerge.T.tolist() == [[1, 0, 0, 1], [0, 1, 1, 0]]
+
+
+def test_permute_and_group_match_by_hand():
+    s = torch.eye(8)
+    order = torch.tensor([3, 2, 1, 0])  # b's unit j is a's unit order[j]: crosses 2-unit groups
+    s[:4, 4:] = s[4:, :4].T.clone()
+    cross = torch.zeros(4, 4)
+    cross[order, torch.arange(4)] = 1.0
+    s[:4, 4:], s[4:, :4] = cross, cross.T
+    assign, value = permute_match(s, 2)
+    assert assign[4:].tolist() == order.tolist() and value == 1.0
+    # groups {0,1},{2,3}: b's group 1 pairs with a's group 0, units matched inside the pair
+    assign, _ = group_match(s, 2, 2, permute_match)
+    assert assign[4:].tolist() == [3, 2, 1, 0]
+    cross2 = torch.zeros(4, 4)
+    cross2[torch.tensor([1, 2, 0, 3]), torch.arange(4)] = 1.0  # a crossing match, forbidden by groups
+    s[:4, 4:], s[4:, :4] = cross2, cross2.T
+    assign, _ = group_match(s, 2, 2, permute_match)
+    assert all(int(assign[4 + u]) // 2 == int(assign[4 + (u ^ 1)]) // 2 for u in range(4))
+
+
+def test_activation_moments_stream_exactly(images):
+    backbone = build_backbone("cnn_gn", 8).eval()
+    graph = build_graph(backbone, images)
+    full = collect_moments([backbone, backbone], graph, images, batch_size=len(images))
+    streamed = collect_moments([backbone, backbone], graph, images, batch_size=7)
+    for f, s in zip(full, streamed, strict=True):
+        assert f.count == s.count and torch.allclose(f.outer, s.outer) and torch.allclose(f.sum, s.sum)
+    with torch.no_grad():  # output point: the backbone's features; correlation = torch.corrcoef
+        feats = backbone(images).double()
+    corr = activation_correlation(full[graph.output_point])
+    expected = torch.corrcoef(torch.cat([feats, feats], 1).T)
+    assert torch.allclose(corr, expected, atol=1e-6)
+
+
+def test_bn_reset_changes_only_running_statistics(images):
+    model = tiny_model("resnet_bn", images)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if "running" in name:
+                t.mul_(3.0).add_(1.0)  # stale statistics, as after merging
+    before = copy.deepcopy(model.state_dict())
+    reset_bn_stats(model, images, batch_size=32)
+    after = model.state_dict()
+    assert not model.training
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        assert changed == ("running" in name or "num_batches" in name), name
+    with torch.no_grad():  # the stem BN's mean is the batch mean of the stem conv over all images
+        conv = model.backbone.stem[0](images)
+    assert torch.allclose(after["backbone.stem.1.running_mean"], conv.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_merge_is_deterministic(images):
+    models = [tiny_model("mlp", images, seed) for seed in (0, 1)]
+    a = mudsc(models, images, max_iter=3).model.state_dict()
+    b = mudsc(models, images, max_iter=3).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unsupported_module_is_named(images):
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Softmax(dim=1))
+    with pytest.raises(UnsupportedModelError, match=r"'2' \(Softmax\)"):
+        build_graph(backbone, images)
+    grouped = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(UnsupportedModelError, match="'1' is a grouped Conv2d"):
+        build_graph(grouped, images)
+
+
+def test_bad_inputs_fail_before_work(images):
+    a = tiny_model("mlp", images)
+    with pytest.raises(ValueError, match="matcher"):
+        mudsc([a, a], images, matcher="greedy")
+    with pytest.raises(ValueError, match="alpha"):
+        mudsc([a, a], images, alpha=1.5)
+    with pytest.raises(ValueError, match="differs"):
+        mudsc([a, tiny_model("cnn_gn", images)], images)
