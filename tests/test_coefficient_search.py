@@ -74,3 +74,72 @@ def test_candidate_errors_name_the_problem():
     with pytest.raises(ValueError, match="do not set lam"):
         candidate_hparams("ties", {"lam": 1.0}, [1.0, 1.0])
     assert candidate_hparams("pcb", {"variant": "vision_es"}, [1, 1.2])["lam"] == [1.0, 1.2]
+
+
+# ---- the flow, end to end on a tiny zoo ----------------------------------------------------------
+
+EVAL_LIMIT = 128
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    from mergeflow.zoo import ZooSpec, build_zoo
+
+    spec = ZooSpec.tiny(pretrain_steps=5, probe_steps=10, finetune_steps=10, pretrain_images_per_source=128,
+                        train_size=128)
+    return build_zoo(spec, tmp_path_factory.mktemp("zoo") / "zoo", progress=False)
+
+
+def test_search_flow_logs_every_point_and_chooses_on_validation(prefect_api, tiny_zoo, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.coefficient_search import coefficient_search
+    from mergeflow.checkpoint import load_state_dict
+    from mergeflow.evaluation import evaluate
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tmp_path / "store"
+    result = coefficient_search(zoo_dir=str(tiny_zoo.root), store=str(store), method="pcb", budget=6, workers=2,
+                                eval_limit=EVAL_LIMIT, tracking_uri=uri, project_dir=str(tmp_path), test=True)
+    points = result["points"]
+    assert len(points) == 6
+    assert all(0.8 <= lam <= 1.3 for p in points for lam in p["lams"])
+    # The choice is the best validation point, and its number really is validation accuracy.
+    best = max(points, key=lambda p: p["val_mean"])
+    assert result["lams"] == best["lams"] and result["val_mean"] == best["val_mean"]
+    tasks = sorted(tiny_zoo.tasks)
+    base = load_state_dict(tiny_zoo.pretrained_dir)
+    experts = [load_state_dict(tiny_zoo.expert_dir(t)) for t in tasks]
+    chosen = merge("pcb", base, experts, variant="vision_es", ratio=0.05, lam=result["lams"])
+    assert evaluate(chosen, tiny_zoo, split="val", limit=EVAL_LIMIT) == result["val_accuracy"]
+    assert evaluate(chosen, tiny_zoo, split="test", limit=EVAL_LIMIT) == result["test_accuracy"]
+
+    # MLflow: one point per evaluation (a metric curve), the plot and the table.
+    client = MlflowClient(uri)
+    history = client.get_metric_history(result["run_id"], "search/val_mean")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(6))
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [p["val_mean"] for p in points]
+    best_curve = client.get_metric_history(result["run_id"], "search/best_val_mean")
+    assert max(m.value for m in best_curve) == result["val_mean"]
+    lam_curve = client.get_metric_history(result["run_id"], f"search/lam/{tasks[0]}")
+    assert len(lam_curve) == 6
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"search.png", "search_points.json"} <= artifacts
+    assert client.get_run(result["run_id"]).data.params["objective"] == "mean validation accuracy"
+
+    # The PCB scores are computed once: a second search (other budget, seed) reuses the artifact.
+    again = coefficient_search(zoo_dir=str(tiny_zoo.root), store=str(store), method="pcb", budget=2, workers=2,
+                               seed=1, eval_limit=EVAL_LIMIT, track=False)
+    assert len(again["points"]) == 2
+    assert len(list((store / "pcb_scores").iterdir())) == 1
+
+
+def test_search_flow_tunes_task_arithmetic_lams(prefect_api, tiny_zoo, tmp_path):
+    from flows.coefficient_search import coefficient_search
+
+    result = coefficient_search(zoo_dir=str(tiny_zoo.root), store=str(tmp_path / "store"), method="task_arithmetic",
+                                budget=3, workers=2, lower=0.1, upper=0.6, init=0.3, eval_limit=EVAL_LIMIT,
+                                track=False)
+    assert len(result["points"]) == 3
+    assert set(result["lams_by_task"]) == set(tiny_zoo.tasks)
+    assert all(0.1 <= lam <= 0.6 for lam in result["lams"])

@@ -110,27 +110,35 @@ def _column(stats: GlobalStats, name: str) -> torch.Tensor:
     return stats[name].to(torch.float32).unsqueeze(1)
 
 
+# Most steps run in place: on a loaded machine a fresh (n, m) float32 result costs up to 25x the
+# arithmetic (page faults on new memory). In-place ops round exactly as the out-of-place ones.
+
+
 def clipped_magnitudes(tau: torch.Tensor, stats: GlobalStats) -> torch.Tensor:
-    """A = |tau| clipped per task to [lo, hi]; tau is (n, m)."""
-    return torch.clamp(torch.abs(tau), _column(stats, CLIP_LOW), _column(stats, CLIP_HIGH))
+    """A = |tau| clipped per task to [lo, hi] (a new tensor); tau is (n, m)."""
+    return torch.abs(tau).clamp_(_column(stats, CLIP_LOW), _column(stats, CLIP_HIGH))
+
+
+def _scores_from(tau: torch.Tensor, magnitudes: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
+    """intra * inter; consumes `magnitudes` (overwritten)."""
+    n = tau.shape[0]
+    low, high = _column(stats, CLIP_LOW), _column(stats, CLIP_HIGH)
+    normalized = magnitudes.sub_(low).div_(high - low)  # (A - min) / (max - min); min, max = lo, hi
+    if params.variant == "nlp":
+        inter = (tau * sum_over_tasks(tau)).tanh_()
+    else:
+        signed = torch.sign(tau).mul_(normalized)
+        if params.variant == "vision":
+            inter = (tau * sum_over_tasks(signed)).tanh_()
+        else:
+            inter = torch.vstack([sum_over_tasks((signed[i] * signed).tanh_()) for i in range(n)])
+    intra = normalized.square_().mul_(n).exp_()  # exp(n * normalized**2), float32
+    return intra.mul_(inter)
 
 
 def scores(tau: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
     """The balancing score intra * inter, (n, m), for one tensor's task vectors tau (n, m)."""
-    n = tau.shape[0]
-    low, high = _column(stats, CLIP_LOW), _column(stats, CLIP_HIGH)
-    magnitudes = clipped_magnitudes(tau, stats)
-    normalized = (magnitudes - low) / (high - low)
-    intra = torch.exp(n * normalized**2)
-    if params.variant == "nlp":
-        inter = torch.tanh(tau * sum_over_tasks(tau))
-    else:
-        signed = torch.sign(tau) * normalized
-        if params.variant == "vision":
-            inter = torch.tanh(tau * sum_over_tasks(signed))
-        else:
-            inter = torch.vstack([sum_over_tasks(torch.tanh(signed[i] * signed)) for i in range(n)])
-    return intra * inter
+    return _scores_from(tau, clipped_magnitudes(tau, stats), params, stats)
 
 
 def clipped_and_scale(
@@ -141,9 +149,10 @@ def clipped_and_scale(
     They do not depend on lam, so a coefficient search computes them once.
     """
     tau = _rows(group)
-    clipped = torch.sign(tau) * clipped_magnitudes(tau, stats)
+    magnitudes = clipped_magnitudes(tau, stats)
+    clipped = torch.sign(tau).mul_(magnitudes)
     cut, top = _column(stats, SCORE_CUT), _column(stats, SCORE_MAX)
-    scale = (torch.clamp(scores(tau, params, stats), cut, top) - cut) / (top - cut)
+    scale = _scores_from(tau, magnitudes, params, stats).clamp_(cut, top).sub_(cut).div_(top - cut)
     return clipped, scale
 
 
@@ -160,12 +169,12 @@ def weighted_mean(
 ) -> torch.Tensor:
     """theta_0 + the scale-weighted mean of the clipped vectors, lam placed as `variant` says."""
     n = clipped.shape[0]
-    denominator = torch.clamp(sum_over_tasks(scale), min=SCALE_EPS)
+    denominator = sum_over_tasks(scale).clamp_(min=SCALE_EPS)
     if variant == "nlp":
-        merged = lam * (sum_over_tasks(clipped * scale) / denominator)
+        merged = sum_over_tasks(clipped * scale).div_(denominator).mul_(lam)
     else:
-        merged = sum_over_tasks(clipped * per_task_lams(lam, n) * scale) / denominator
-    return base + merged.reshape(base.shape)
+        merged = sum_over_tasks((clipped * per_task_lams(lam, n)).mul_(scale)).div_(denominator)
+    return merged.reshape(base.shape).add_(base)
 
 
 # ---- the two stat passes -------------------------------------------------------------------------
@@ -174,7 +183,7 @@ def weighted_mean(
 def _clip_values(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
     if isinstance(params.lam, list):
         per_task_lams(params.lam, group.n)  # wrong length: fail on the first tensor, not the last
-    return {"pcb_abs": torch.abs(_rows(group))}
+    return {"pcb_abs": _rows(group).abs_()}
 
 
 def _clip_reductions(params: PcbParams) -> dict[str, Reduce]:
