@@ -14,6 +14,15 @@ def describe() -> str:
             default = "required" if field.is_required() else f"default {field.default!r}"
             doc = f"  {field.description}" if field.description else ""
             lines.append(f"    {name} ({default}){doc}")
+    from mergeflow.mudsc.registry import MODEL_METHODS  # model-level: need the graph and data
+
+    lines.append("\nmodel-level methods (models from different initialisations; python -m flows.mudsc):")
+    for m in MODEL_METHODS.values():
+        lines.append(f"{m.name}: {m.summary}")
+        lines.append(f"    paper: {m.paper}")
+        for name, field in m.hyperparams.model_fields.items():
+            doc = f"  {field.description}" if field.description else ""
+            lines.append(f"    {name} (default {field.default!r}){doc}")
     return "\n".join(lines)
 
 

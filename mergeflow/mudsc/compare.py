@@ -15,6 +15,7 @@ from torch import nn
 
 from mergeflow import datasets
 from mergeflow.mudsc import zoo
+from mergeflow.mudsc.alpha_sweep import sweep_alpha
 from mergeflow.mudsc.evaluation import alone, ensemble, evaluate
 from mergeflow.mudsc.merge import mudsc, naive_average, weight_matching, zipit
 
@@ -26,26 +27,41 @@ def sample_images(dataset: str, n: int, seed: int = 0) -> torch.Tensor:
     return train.images[idx]
 
 
-def methods(alpha: float = 0.5) -> dict[str, Callable]:
-    return {
+def labelled_sample(dataset: str, n: int, seed: int = 1) -> datasets.Split:
+    """`n` labelled training images (another sample than the activation images) for alpha."""
+    train = datasets.load(dataset).train
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return datasets.Split(train.images[idx], train.labels[idx])
+
+
+def methods(alpha: float = 0.5, train: datasets.Split | None = None) -> dict[str, Callable]:
+    rows = {
         "naive average": lambda ms, x: naive_average(ms, x).model,
         "weight matching": lambda ms, x: weight_matching(ms, x).model,
         "ZipIt!": lambda ms, x: zipit(ms, x).model,
-        f"MuDSC zip a={alpha}": lambda ms, x: mudsc(ms, x, matcher="zip", alpha=alpha).model,
-        f"MuDSC permute a={alpha}": lambda ms, x: mudsc(ms, x, matcher="permute", alpha=alpha).model,
+        f"MuDSC zip alpha={alpha}": lambda ms, x: mudsc(ms, x, matcher="zip", alpha=alpha).model,
+        f"MuDSC permute alpha={alpha}": lambda ms, x: mudsc(ms, x, matcher="permute", alpha=alpha).model,
     }
+    if train is not None:
+        for matcher in ("zip", "permute"):
+            def swept(ms, x, matcher=matcher):
+                best, result, scores = sweep_alpha(ms, x, train, matcher=matcher)
+                print(f"  sweep {matcher}: train joint acc {scores} -> alpha {best}", flush=True)
+                return result.model
+            rows[f"MuDSC {matcher} alpha swept"] = swept
+    return rows
 
 
 def compare(models: Sequence[nn.Module], images: torch.Tensor, test: datasets.Split,
-            alpha: float = 0.5) -> list[tuple[str, dict[str, float], float]]:
-    """Rows (name, accuracies, merge seconds)."""
+            alpha: float = 0.5, train: datasets.Split | None = None) -> list[tuple[str, dict[str, float], float]]:
+    """Rows (name, accuracies, merge seconds); with `train`, also MuDSC with alpha swept on it."""
     tasks = [m.classes for m in models]
     rows = []
     for k, m in enumerate(models):
         acc = evaluate(alone(m), test, tasks)  # its one head is "task0" to the evaluator
         rows.append((f"model {k} alone", {"joint": acc["joint"], f"task{k}": acc["task0"]}, 0.0))
     rows.append(("output ensemble", evaluate(ensemble(models), test, tasks), 0.0))
-    for name, fn in methods(alpha).items():
+    for name, fn in methods(alpha, train).items():
         start = time.perf_counter()
         merged = fn(models, images)
         rows.append((name, evaluate(merged, test, tasks), time.perf_counter() - start))
@@ -53,10 +69,10 @@ def compare(models: Sequence[nn.Module], images: torch.Tensor, test: datasets.Sp
 
 
 def format_table(title: str, rows) -> str:
-    lines = [title, f"{'method':<26} {'joint':>6} {'task0':>6} {'task1':>6} {'merge s':>8}"]
+    lines = [title, f"{'method':<30} {'joint':>6} {'task0':>6} {'task1':>6} {'merge s':>8}"]
     for name, acc, seconds in rows:
         cells = [f"{100 * acc[k]:6.1f}" if k in acc else f"{'-':>6}" for k in ("joint", "task0", "task1")]
-        lines.append(f"{name:<26} {' '.join(cells)} {seconds:8.1f}")
+        lines.append(f"{name:<30} {' '.join(cells)} {seconds:8.1f}")
     return "\n".join(lines)
 
 
@@ -67,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="artifacts/mudsc_zoo")
     parser.add_argument("--images", type=int, default=2000, help="unlabelled training images")
     parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--sweep", type=int, default=0, metavar="N",
+                        help="also sweep alpha on N labelled training images (0: no sweep)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for dataset in args.dataset or zoo.DATASETS:
@@ -74,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             models = [zoo.load(p) for p in zoo.build_pair(family, dataset, args.root)]
             trained = time.perf_counter() - start
-            rows = compare(models, sample_images(dataset, args.images), datasets.load(dataset).test, args.alpha)
+            train = labelled_sample(dataset, args.sweep) if args.sweep else None
+            rows = compare(models, sample_images(dataset, args.images), datasets.load(dataset).test, args.alpha, train)
             print(format_table(f"\n{family} on {dataset} (zoo ready in {trained:.0f} s)", rows), flush=True)
     return 0
 

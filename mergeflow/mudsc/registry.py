@@ -17,7 +17,6 @@ from mergeflow.methods.base import Hyperparams
 class ZipParams(Hyperparams):
     a: float = Field(0.5, description="zip merge discount (ZipIt!'s alpha; ZipIt! paper 0.3)")
     b: float = Field(1.0, ge=0, description="zip same-model budget (ZipIt!'s beta; ZipIt! paper 0.125)")
-    seed: int = Field(0, description="seed of the refinement loop's point order")
 
 
 class MudscParams(ZipParams):
@@ -25,6 +24,7 @@ class MudscParams(ZipParams):
     alpha: float = Field(0.5, ge=0, le=1, description="weight-space share: S = alpha S_w + (1-alpha) S_act")
     max_iter: int = Field(100, ge=1, description="refinement iterations at most")
     patience: int = Field(5, ge=1, description="stop after this many iterations without improvement")
+    seed: int = Field(0, description="seed of the refinement loop's point order")
 
 
 class ZipitParams(ZipParams):
