@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -133,3 +134,26 @@ def start_servers(tmp: Path, procs: Processes) -> Servers:
         "MERGEFLOW_ROOT": str(REPO),
     }
     return Servers(prefect_api, mlflow_uri, client_env, procs, tmp)
+
+
+# A zoo small enough to build in seconds: two tasks, a one-block ViT, a few training steps.
+TINY_PARAMS = {
+    "zoo": {"dir": "outputs/zoo", "spec": {
+        "tasks": ["digits", "mnist"], "pretrain_sources": ["digits"],
+        "pretrain_images_per_source": 256, "pretrain_steps": 3, "probe_steps": 3,
+        "finetune_steps": 3, "train_size": 256, "batch_size": 64, "eval_limit": 128,
+        "vit": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32}}},
+    "merge": {"method": "task_arithmetic", "lam": 0.3},
+    "compare": [],
+    "evaluation": {"split": "val", "batch_size": 256, "limit": 128},
+    "device": "cpu",
+    "tracking": {"experiment": "mergeflow-integration"},
+}
+
+
+def tiny_project(project: Path, **sections: object) -> Path:
+    """A project folder holding only params.yaml (TINY_PARAMS, sections replaced); outputs and
+    artifacts land beside it. Returns the params file."""
+    project.mkdir(parents=True)
+    (project / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, **sections}, sort_keys=False))
+    return project / "params.yaml"

@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from live_servers import BIN, REPO, Servers
+from live_servers import BIN, REPO, TINY_PARAMS, Servers, tiny_project
 
 pytestmark = pytest.mark.integration
 
@@ -27,19 +25,6 @@ GPU_TEMPLATE = REPO / "infra" / "k8s-gpu-base-job-template.json"
 RUN_TIMEOUT_S = 240  # first run builds the tiny zoo (about 60 s on a loaded 2-core machine)
 CRON_TIMEOUT_S = 180  # next minute boundary (<= 60 s) plus a run that hits the caches
 
-# A zoo small enough to build in seconds: two tasks, a one-block ViT, a few training steps.
-TINY_PARAMS = {
-    "zoo": {"dir": "outputs/zoo", "spec": {
-        "tasks": ["digits", "mnist"], "pretrain_sources": ["digits"],
-        "pretrain_images_per_source": 256, "pretrain_steps": 3, "probe_steps": 3,
-        "finetune_steps": 3, "train_size": 256, "batch_size": 64, "eval_limit": 128,
-        "vit": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32}}},
-    "merge": {"method": "task_arithmetic", "lam": 0.3},
-    "compare": [],
-    "evaluation": {"split": "val", "batch_size": 256, "limit": 128},
-    "device": "cpu",
-    "tracking": {"experiment": "mergeflow-integration"},
-}
 
 
 def prefect_cli(servers: Servers, *args: str, timeout: float = 120) -> str:
@@ -47,14 +32,6 @@ def prefect_cli(servers: Servers, *args: str, timeout: float = 120) -> str:
                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
     return out.stdout
-
-
-def tiny_project(tmp: Path) -> Path:
-    """A project folder holding only params.yaml; outputs and artifacts land beside it."""
-    project = tmp / "project"
-    project.mkdir()
-    (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
-    return project / "params.yaml"
 
 
 def api(servers: Servers, method: str, path: str, body: dict | None = None) -> object:
@@ -113,7 +90,7 @@ def mlflow_runs_during(servers: Servers, flow_run: dict) -> list:
 
 
 def test_deployments_run_on_demand_and_on_cron(servers: Servers) -> None:
-    params_path = str(tiny_project(servers.tmp))
+    params_path = str(tiny_project(servers.tmp / "project"))
     # The nightly run merges with another lam: the pipeline records an identical merge in MLflow
     # only once (flows/merge.py, RecordedOnce), so a repeat of the on-demand merge would add no run.
     on_demand_params = json.dumps({"params_path": params_path})
