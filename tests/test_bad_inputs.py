@@ -215,3 +215,56 @@ def test_invalid_override_and_non_mapping_params(tmp_path: Path) -> None:
         load_params(tmp_path / "params.yaml")
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+# ---- the same through `mergeflow merge RECIPE --out DIR` ----
+
+CLI_CASES = {
+    # case: (break the family, recipe fields, words stderr must contain)
+    "truncated safetensors": (lambda ms, m: corpus.truncate(ms[0]), {}, ["truncated or corrupt"]),
+    "NaN in weights": (lambda ms, m: corpus.with_value(ms[0], float("nan")), {}, ["NaN"]),
+    "mismatched shape": (lambda ms, m: corpus.with_shape(ms[0]), {}, ["shape"]),
+    "malicious pickle": (lambda ms, m: corpus.malicious_pickle(ms[0], m), {}, ["pickle"]),
+    "remote code": (lambda ms, m: corpus.remote_code_config(ms[0], m), {}, ["auto_map"]),
+    "empty model list": (lambda ms, m: None, {"models": []}, ["models"]),
+    "missing model path": (lambda ms, m: None, {"models": ["./nowhere"]}, ["nowhere"]),
+    "unknown recipe field": (lambda ms, m: None, {"lamda": 0.5}, ["lamda"]),
+    "hyperparameter out of range": (lambda ms, m: None, {"method": "ties", "hyperparameters": {"k": 2}}, ["k"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_cli_merge_refuses_bad_input(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mergeflow.cli import main
+
+    marker = tmp_path / corpus.MARKER_NAME
+    base, models = corpus.family(tmp_path)
+    breaker, fields, words = CLI_CASES[case]
+    breaker(models, marker)
+    recipe = {"method": "task_arithmetic", "base": "./base", "models": ["./ft0", "./ft1"],
+              "hyperparameters": {"lam": 0.5}, **fields}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "merged"
+    code = main(["merge", str(tmp_path / "recipe.yaml"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, f"{case}: exit {code}, stderr: {err}"
+    for word in words:
+        assert word in err, f"{case}: {word!r} not in: {err}"
+    assert "Traceback" not in err
+    assert not marker.exists()
+    _assert_nothing_written(out)
+
+
+def test_cli_console_script_exit_status(tmp_path: Path) -> None:
+    """The installed `mergeflow` command itself: status 2, one clear line, no output."""
+    import subprocess
+    import sys
+
+    base, models = corpus.family(tmp_path)
+    corpus.with_value(models[1], float("inf"))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(
+        {"method": "average", "base": "./base", "models": ["./ft0", "./ft1"]}))
+    r = subprocess.run([str(Path(sys.executable).parent / "mergeflow"), "merge", str(tmp_path / "recipe.yaml"),
+                        "--out", str(tmp_path / "merged")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "inf" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    _assert_nothing_written(tmp_path / "merged")

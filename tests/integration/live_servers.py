@@ -7,6 +7,7 @@ children it spawned (uvicorn workers, flow-run subprocesses of a worker).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,3 +158,8 @@ def tiny_project(project: Path, **sections: object) -> Path:
     project.mkdir(parents=True)
     (project / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, **sections}, sort_keys=False))
     return project / "params.yaml"
+
+
+def seed_store(zoo_store: Path, params_file: Path) -> None:
+    """Copy the tiny zoo into the artifact store of the project of `params_file`."""
+    shutil.copytree(zoo_store / "zoo", params_file.parent / TINY_PARAMS.get("artifacts", ".artifacts") / "zoo")

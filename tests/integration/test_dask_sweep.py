@@ -3,17 +3,16 @@ prefect-dask's DaskTaskRunner, chooses the same settings and produces the same m
 and accuracies as the sequential run.
 
 The two runs use separate projects and artifact stores, so every merge and evaluation is
-computed by both. Only the zoo is shared (copied into the second store, where the zoo task finds
-it by its content address), since training it twice checks nothing about the task runner.
+computed by both. Only the zoo is shared (the session's tiny zoo, copied into each store, where
+the zoo task finds it by its content address): training it again checks nothing about runners.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-from live_servers import Servers, tiny_project
+from live_servers import Servers, seed_store, tiny_project
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +30,8 @@ def _summary(result: dict) -> dict:
             for m, r in result["methods"].items()}
 
 
-def test_sweep_on_two_dask_workers_matches_sequential(servers: Servers, tmp_path: Path) -> None:
+def test_sweep_on_two_dask_workers_matches_sequential(servers: Servers, tiny_zoo_store: Path,
+                                                     tmp_path: Path) -> None:
     from distributed import Client, LocalCluster, get_task_stream
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -41,13 +41,14 @@ def test_sweep_on_two_dask_workers_matches_sequential(servers: Servers, tmp_path
     from flows.sweep import sweep_flow
 
     sections = {"sweep": {"workers": 2, "grid": GRID}, "tracking": {"enabled": False}}
-    seq_params = load_params(tiny_project(tmp_path / "sequential", **sections))
-    dask_params = load_params(tiny_project(tmp_path / "dask", **sections))
+    seq_file, dask_file = (tiny_project(tmp_path / name, **sections) for name in ("sequential", "dask"))
+    for params_file in (seq_file, dask_file):
+        seed_store(tiny_zoo_store, params_file)
+    seq_params, dask_params = load_params(seq_file), load_params(dask_file)
 
     with temporary_settings({PREFECT_API_URL: servers.prefect_api, PREFECT_HOME: tmp_path / "ph"}):
         sequential = sweep_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(seq_params)
-        seq_store, dask_store = seq_params.path(seq_params.artifacts), dask_params.path(dask_params.artifacts)
-        shutil.copytree(seq_store / "zoo", dask_store / "zoo")
+        dask_store = dask_params.path(dask_params.artifacts)
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                           host="127.0.0.1") as cluster, Client(cluster) as client:
             assert len(client.scheduler_info()["workers"]) == 2
