@@ -247,3 +247,35 @@ def test_huggingface_bert_encoder_with_per_task_heads():
     assert c.values.shape == (len(names), 2) and c.tensor_names == tuple(names)
     assert not torch.equal(c.raw, torch.full_like(c.raw, 0.3))  # gradients reached the coefficients
     assert len(result.loss) == 2 and all(v > 0 for v in result.loss)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    import fixtures_zoo
+
+    return fixtures_zoo.tiny_zoo(tmp_path_factory)
+
+
+def test_entropy_falls_on_the_tiny_zoo(tiny_zoo):
+    """A short layer-wise run lowers the summed entropy on a fixed set of unlabelled test inputs."""
+    from mergeflow.checkpoint import load_state_dict
+
+    zoo = tiny_zoo
+    base = load_state_dict(zoo.pretrained_dir)
+    tvs = {t: task_vector(base, load_state_dict(zoo.expert_dir(t))) for t in zoo.tasks}
+    heads = {t: zoo.head(t) for t in zoo.tasks}
+    unlabelled = {t: zoo.load_task(t).test.images[:96] for t in zoo.tasks}
+    config = AdaMergingConfig(steps=25, lr=1e-2)  # a larger lr so 25 steps move visibly
+    result = tune_coefficients(zoo.encoder(), tvs, heads, unlabelled, config, progress=False)
+
+    def total_entropy(coefs: Coefficients) -> float:
+        weights = apply_coefficients(base, [tvs[t] for t in zoo.tasks], coefs)
+        encoder = zoo.encoder(weights)
+        with torch.no_grad():
+            return sum(float(mean_entropy(heads[t](encoder(unlabelled[t])))) for t in zoo.tasks)
+
+    start = Coefficients(mode="layer_wise", task_names=tuple(zoo.tasks),
+                         tensor_names=result.coefficients.tensor_names,
+                         values=torch.full_like(result.coefficients.values, 0.3))
+    assert total_entropy(result.coefficients) < total_entropy(start) - 1e-3
+    assert len(result.loss) == 25 and result.loss[-1] < result.loss[0]
