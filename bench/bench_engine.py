@@ -7,8 +7,9 @@ subprocess (clean peak RSS, from getrusage in the child) and prints one table:
   ties/global      official TIES (k 0.2, whole-model trim: exact streaming quantiles)
   ties/tensor      mergekit-style per-tensor trim
   dare_ties        p 0.9
-Wall times are measured inside each child around the work (imports excluded); ratios are to the
-floor of the same run. Input content hashes are computed once beforehand (they are cached by
+Wall and CPU (user + system) times are measured inside each child around the work (imports
+excluded); ratios are to the floor of the same run. On a shared machine the CPU-time ratio is
+the steadier one. Input content hashes are computed once beforehand (they are cached by
 file stat, as in real use) and not counted.
 
     python bench/bench_engine.py --size small           # quick
@@ -67,6 +68,8 @@ def child(case: str, root: Path, models: int, out: Path) -> None:
     from mergeflow.engine import merge_checkpoints
 
     base, fts = _dirs(root, models)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
     t0 = time.perf_counter()
     if CASES[case] is None:
         run_floor(base, fts, out)
@@ -74,8 +77,9 @@ def child(case: str, root: Path, models: int, out: Path) -> None:
         method, hp = CASES[case]
         merge_checkpoints(method, base, fts, out, hp, progress=False, input_hashes=["-"] * (models + 1))
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"case": case, "wall_s": wall, "peak_rss": rss}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - cpu0
+    print(json.dumps({"case": case, "wall_s": wall, "cpu_s": cpu, "peak_rss": usage.ru_maxrss * 1024}))
 
 
 def main() -> None:
@@ -106,12 +110,16 @@ def main() -> None:
             raise SystemExit(f"case {case} failed")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         shutil.rmtree(out, ignore_errors=True)
-    floor = next((r["wall_s"] for r in rows if r["case"] == "floor"), None)
-    print(f"\nengine benchmark: Llama {a.size}, base + {a.models} fine-tunes (bf16), {os.cpu_count()} CPU(s)")
-    print(f"{'case':<18}{'wall s':>9}{'x floor':>9}{'peak RSS MiB':>14}")
+    floor = next((r for r in rows if r["case"] == "floor"), None)
+    load = os.getloadavg()[0]
+    print(f"\nengine benchmark: Llama {a.size}, base + {a.models} fine-tunes (bf16), "
+          f"{os.cpu_count()} CPU(s), load average {load:.1f} at the end")
+    print(f"{'case':<18}{'wall s':>9}{'x floor':>9}{'CPU s':>9}{'x floor':>9}{'peak RSS MiB':>14}")
     for r in rows:
-        ratio = f"{r['wall_s'] / floor:.2f}" if floor else "-"
-        print(f"{r['case']:<18}{r['wall_s']:>9.2f}{ratio:>9}{r['peak_rss'] / 2**20:>14.0f}")
+        wall_ratio = f"{r['wall_s'] / floor['wall_s']:.2f}" if floor else "-"
+        cpu_ratio = f"{r['cpu_s'] / floor['cpu_s']:.2f}" if floor else "-"
+        print(f"{r['case']:<18}{r['wall_s']:>9.2f}{wall_ratio:>9}{r['cpu_s']:>9.2f}{cpu_ratio:>9}"
+              f"{r['peak_rss'] / 2**20:>14.0f}")
 
 
 if __name__ == "__main__":

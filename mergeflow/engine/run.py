@@ -94,6 +94,7 @@ def merge_checkpoints(
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
                       device=device, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
     workers = workers or min(4, os.cpu_count() or 1)
+    _return_freed_memory()
     try:
         if progress or dry_run:
             print(estimate(plan, workers), file=sys.stderr)
@@ -113,7 +114,7 @@ def merge_checkpoints(
 
 def estimate(plan: MergePlan, workers: int) -> str:
     """One paragraph: what will be read and written, how long, how much memory and disk."""
-    passes = 1 + sum(1 for _ in plan.method.stat_passes)
+    passes = 1 + sum(1 for sp in plan.method.stat_passes if sp.reductions(plan.params))
     largest_unit = max((plan.unit_bytes(u) for u in plan.units), default=0)
     per_unit = largest_unit * 4 * 6 // max(1, plan.base.checkpoint.info(plan.units[0].name).dtype.itemsize) if plan.units else 0
     peak = (workers + 2) * per_unit + (128 << 20)
@@ -330,6 +331,24 @@ def _content_hashes(paths: list[str | Path], allow_pickle: bool) -> list[str]:
     from mergeflow.sources import resolve_checkpoint
 
     return [resolve_checkpoint(str(Path(p).resolve()), allow_pickle=allow_pickle).content_hash for p in paths]
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give large freed buffers back to the OS at once (Linux only; else a no-op).
+
+    By default glibc raises its mmap threshold after each large free, so the engine's many
+    chunk-sized buffers end up in per-thread arenas that keep their memory: resident memory would
+    grow with the number of threads and chunks instead of staying at the chunks in flight.
+    A fixed threshold keeps every buffer of 1 MiB or more in its own mapping, freed on release.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextmanager
