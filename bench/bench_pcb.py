@@ -55,10 +55,10 @@ def _child(kind: str, base: str, models: list[str]) -> tuple[float, int]:
     """Run one measurement in a fresh process; returns (seconds, peak RSS bytes)."""
     out = tempfile.mkdtemp(prefix=f"bench_pcb_{kind}_")
     shutil.rmtree(out)
-    code = ("import sys, json; sys.path.insert(0, %r); from bench.bench_pcb import io_floor, merge; "
-            "args = json.loads(sys.argv[1]); "
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); "
+            "from bench.bench_pcb import io_floor, merge; args = json.loads(sys.argv[1]); "
             "io_floor(args['base'], args['models'], args['out']) if args['kind'] == 'floor' else "
-            "merge(args['kind'], args['base'], args['models'], args['out'])") % str(ROOT)
+            "merge(args['kind'], args['base'], args['models'], args['out'])")
     payload = json.dumps({"kind": kind, "base": base, "models": models, "out": out})
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, payload], cwd=ROOT)

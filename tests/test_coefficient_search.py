@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fixtures_zoo
 import pytest
 import torch
 
@@ -81,13 +82,9 @@ def test_candidate_errors_name_the_problem():
 EVAL_LIMIT = 128
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    from mergeflow.zoo import ZooSpec, build_zoo
-
-    spec = ZooSpec.tiny(pretrain_steps=5, probe_steps=10, finetune_steps=10, pretrain_images_per_source=128,
-                        train_size=128)
-    return build_zoo(spec, tmp_path_factory.mktemp("zoo") / "zoo", progress=False)
+    return fixtures_zoo.tiny_zoo(tmp_path_factory)  # built once per session, shared with other modules
 
 
 def test_search_flow_logs_every_point_and_chooses_on_validation(prefect_api, tiny_zoo, tmp_path):
