@@ -5,8 +5,6 @@
 - `evaluate_candidate`: merge one candidate lam vector and return its per-task accuracy on the
   VALIDATION split (the split is fixed here, so a search can never select on test).
 - `evaluate_choice`: the chosen coefficients on any split, for the report after the search.
-- `prepare_coefficient_search`: the merge pipeline's preparation step (flows/preparation.py):
-  runs the search and hands `{"lam": [...]}` to the merge.
 """
 
 from __future__ import annotations
@@ -113,21 +111,3 @@ def search_figure(values: list[float], title: str):
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     return fig
-
-
-def prepare_coefficient_search(inputs: Any, choice: Any) -> dict[str, Any]:
-    """Preparation step for flows/preparation.py: search per-task lams on validation, return them.
-
-    `inputs` is flows.preparation.MergeInputs, `choice` a flows.params.MethodChoice. The merge task
-    takes models in sorted task order, so the lams come back in that order.
-    """
-    from flows.coefficient_search import coefficient_search
-
-    params = inputs.params
-    hparams = {k: v for k, v in choice.hparams().items() if k != "lam"}
-    result = coefficient_search(
-        zoo_dir=inputs.zoo.path, store=inputs.store, method=choice.method, hparams=hparams,
-        tasks=inputs.tasks, device=inputs.device, experiment=params.tracking.experiment,
-        tracking_uri=params.tracking_uri() if params.tracking.enabled else None,
-        project_dir=params.project, track=params.tracking.enabled)
-    return {"lam": result["lams"]}
