@@ -60,7 +60,16 @@ def test_accuracy_counts_exactly_across_batches():
     assert accuracy(nn.Flatten(), head, Split(images, labels), batch_size=2) == 0.8
 
 
-def test_evaluate_matches_build_time_numbers(tiny_zoo):
+@pytest.fixture
+def build_threads(tiny_zoo):
+    """The build's torch thread count, so float sums (and so every argmax) are bit-identical."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(tiny_zoo.summary["spec"]["threads"])
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_evaluate_matches_build_time_numbers(tiny_zoo, build_threads):
     limit = tiny_zoo.summary["spec"]["eval_limit"]
     task = tiny_zoo.tasks[0]
     from_dir = evaluate(tiny_zoo.expert_dir(task), tiny_zoo, tasks=[task], limit=limit)

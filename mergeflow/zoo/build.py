@@ -59,7 +59,9 @@ class ZooSpec(BaseModel):
     batch_size: int = Field(128, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
-    threads: int = Field(2, gt=0, description="torch threads while training (fixed for determinism)")
+    # One thread: this tiny model gains little from two, and on a shared, oversubscribed CPU two
+    # OpenMP threads spin-wait on each other (measured here: 10x slower per step, 20x the CPU).
+    threads: int = Field(1, gt=0, description="torch threads while building (fixed for determinism)")
     device: str = "cpu"
     eval_limit: int | None = Field(None, gt=0, description="examples per split at build-time evaluation")
     merge_lam: float = Field(0.3, description="Task Arithmetic coefficient reported at build time")
