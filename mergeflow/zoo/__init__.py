@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover (for type checkers and editors only)
-    from mergeflow.zoo.build import ZooSpec, build_zoo  # noqa: F401
+    from mergeflow.zoo.build import ZooSpec, build_zoo, ensure_zoo  # noqa: F401
     from mergeflow.zoo.tasks import TASKS, load_task  # noqa: F401
     from mergeflow.zoo.vit import VisionTransformer, ViTConfig  # noqa: F401
     from mergeflow.zoo.zoo import Zoo  # noqa: F401
@@ -21,6 +21,7 @@ _LAZY = {
     "Zoo": "mergeflow.zoo.zoo",
     "ZooSpec": "mergeflow.zoo.build",
     "build_zoo": "mergeflow.zoo.build",
+    "ensure_zoo": "mergeflow.zoo.build",
     "TASKS": "mergeflow.zoo.tasks",
     "load_task": "mergeflow.zoo.tasks",
     "ViTConfig": "mergeflow.zoo.vit",
