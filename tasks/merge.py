@@ -1,4 +1,5 @@
-"""Task: merge fine-tuned checkpoints into one model directory with a registered method."""
+"""Task: merge fine-tuned checkpoints into one model directory with a registered method, through
+the streaming engine (the same code path as `mergeflow merge`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tasks.artifacts import ArtifactRef
 from tasks.cache import ArtifactCache
 
 POLICY = ArtifactCache(task="merge", kind="merged",
-                       code=("mergeflow.methods", "mergeflow.merging", "mergeflow.statistics",
+                       code=("mergeflow.methods", "mergeflow.engine", "mergeflow.statistics",
                              "mergeflow.checkpoint", "mergeflow.checkpoint_writer", "tasks.merge"))
 
 
@@ -23,28 +24,13 @@ def merge_models(store: str, method: str, hparams: dict[str, Any], base: Checkpo
     slot = POLICY.slot(locals())
     if slot.done:
         return slot.done
+    from mergeflow.engine import merge_checkpoints
+
     values = {**hparams, **{k: v.path if isinstance(v, ArtifactRef) else v for k, v in prepared.items()}}
     with slot.writer("model") as out:
-        out.content_hash = _merge(method, values, base, models, str(out.main_path), device)
+        result = merge_checkpoints(method, base.path, [m.path for m in models], out.main_path, values,
+                                   device=device, progress=True,
+                                   input_hashes=[base.content_hash, *(m.content_hash for m in models)])
+        out.content_hash = result.output_hash
         out.summary = {"method": method, "hparams": hparams}
     return out.ref
-
-
-def _merge(method: str, hparams: dict[str, Any], base: CheckpointRef, models: list[CheckpointRef],
-           out_dir: str, device: str) -> str:
-    """The streaming engine when it is installed, else the in-memory contract. Returns the
-    output's content hash."""
-    try:
-        from mergeflow.engine import merge_checkpoints
-    except ImportError:
-        merge_checkpoints = None
-    if merge_checkpoints is not None:
-        result = merge_checkpoints(method, base.path, [m.path for m in models], out_dir, hparams,
-                                   device=device, progress=True)
-        return result.output_hash
-    from mergeflow import load_state_dict, merge, save_checkpoint
-    from mergeflow.hashing import hash_checkpoint
-
-    merged = merge(method, load_state_dict(base.path), [load_state_dict(m.path) for m in models], **hparams)
-    save_checkpoint(merged, out_dir)
-    return hash_checkpoint(out_dir)
