@@ -14,6 +14,7 @@ random choice comes from a generator seeded by (seed, phase), training runs on a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from mergeflow.evaluation import accuracy, format_accuracy_table
 from mergeflow.hashing import hash_json
 from mergeflow.zoo import training
 from mergeflow.zoo.tasks import TASKS, load_task
-from mergeflow.zoo.vit import VisionTransformer, ViTConfig
+from mergeflow.zoo.vit import VisionTransformer, ViTConfig, build_encoder
 from mergeflow.zoo.zoo import SUMMARY_FILE, Zoo
 
 FORMAT_VERSION = 1
@@ -106,7 +107,10 @@ def build_zoo(spec: ZooSpec | None = None, out_dir: str | Path = "zoo", progress
     spec = spec or ZooSpec()
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    data = {t: load_task(t) for t in spec.tasks}  # fails here, before training, if data is missing
+    # Load every dataset first: a missing one fails here, before any training.
+    data = {t: load_task(t) for t in spec.tasks}
+    for source in spec.pretrain_sources:
+        datasets.load(source)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
@@ -214,11 +218,8 @@ def _probe(spec: ZooSpec, encoder: VisionTransformer, task: str, data: Dataset, 
 def _finetune(spec: ZooSpec, pretrained: dict[str, torch.Tensor], head: nn.Linear, task: str,
               data: Dataset, progress: bool) -> dict[str, torch.Tensor]:
     train = data.train.take(spec.train_size)
-    encoder = VisionTransformer(spec.vit)
-    encoder.load_state_dict(pretrained)
-    frozen_head = nn.Linear(head.in_features, head.out_features)
-    frozen_head.load_state_dict(head.state_dict())
-    frozen_head.requires_grad_(False)
+    encoder = build_encoder(spec.vit, pretrained)
+    frozen_head = copy.deepcopy(head).requires_grad_(False)  # a copy: the saved head stays on the CPU
     model = nn.Sequential(encoder, frozen_head).to(spec.device)
     g = _generator(spec, f"finetune:{task}")
     batches = training.indexed(train.images, train.labels,
@@ -230,9 +231,7 @@ def _finetune(spec: ZooSpec, pretrained: dict[str, torch.Tensor], head: nn.Linea
 
 def _evaluate(spec: ZooSpec, state: dict[str, torch.Tensor], heads: dict[str, nn.Linear],
               data: dict[str, Dataset], split: str, tasks) -> dict[str, float]:
-    encoder = VisionTransformer(spec.vit)
-    encoder.load_state_dict(state)
-    encoder.to(spec.device)
+    encoder = build_encoder(spec.vit, state).to(spec.device)
     return {t: accuracy(encoder, heads[t].to(spec.device), getattr(data[t], split), device=spec.device,
                         limit=spec.eval_limit) for t in tasks}
 

@@ -134,10 +134,16 @@ class VisionTransformer(nn.Module):
 
 
 def build_encoder(config: ViTConfig | dict | None = None, state_dict: dict | None = None) -> VisionTransformer:
-    """A VisionTransformer from a config (object or config.json dict), optionally with weights."""
+    """A VisionTransformer from a config (object or config.json dict), optionally with weights.
+
+    Given weights, the throwaway random init runs on a forked RNG, so loading a model never
+    shifts the caller's random stream.
+    """
     if isinstance(config, dict):
         config = ViTConfig.from_dict(config)
-    model = VisionTransformer(config)
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
+    if state_dict is None:
+        return VisionTransformer(config)
+    with torch.random.fork_rng(devices=[]):
+        model = VisionTransformer(config)
+    model.load_state_dict(state_dict, strict=True)
     return model
