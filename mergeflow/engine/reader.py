@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ class TensorSource:
         self.checkpoint = Checkpoint(path, allow_pickle=allow_pickle)
         self._location: dict[str, tuple[Path, int]] = {}  # name -> (file, absolute data offset)
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # reads come from several threads
         files = {self.checkpoint.info(n).file for n in self.checkpoint.names}
         for file in sorted(files):
             if file.suffix == ".safetensors":
@@ -72,7 +74,10 @@ class TensorSource:
     def _pread(self, file: Path, offset: int, buf: torch.Tensor) -> None:
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
         view = memoryview(buf.numpy())
         done = 0
         while done < len(view):
