@@ -302,3 +302,27 @@ def test_streaming_engine_matches_in_memory(tmp_path, variant, dtype):
     for k in in_memory:
         assert streamed[k].dtype == dtype
         assert torch.equal(streamed[k], in_memory[k]), k
+
+
+def test_recipe_gives_the_in_memory_numbers(tmp_path):
+    import argparse
+
+    import yaml
+
+    from mergeflow.checkpoint import load_state_dict
+    from mergeflow.checkpoint_writer import save_checkpoint
+    from mergeflow.recipe_cli import main
+
+    base, finetuned = random_models(2, 13)
+    save_checkpoint(base, tmp_path / "base")
+    for i, sd in enumerate(finetuned):
+        save_checkpoint(sd, tmp_path / f"ft{i}")
+    hp = {"ratio": 0.2, "variant": "vision", "lam": [1.1, 0.9], "clip": 0.05}
+    recipe = {"method": "pcb", "base": "./base", "models": ["./ft0", "./ft1"], "hyperparameters": hp}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    args = argparse.Namespace(recipe=str(tmp_path / "recipe.yaml"), out=str(tmp_path / "out"), device=None, quiet=True)
+    assert main(args) == 0
+    merged = load_state_dict(tmp_path / "out")
+    expected = merge("pcb", base, finetuned, **hp)
+    for k in expected:
+        assert torch.equal(merged[k], expected[k]), k
