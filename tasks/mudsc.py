@@ -56,12 +56,12 @@ def collect_activations(store: str, pair: ArtifactRef, images: int = 2000, seed:
 
     from mergeflow.mudsc.compare import sample_images
     from mergeflow.mudsc.graph import build_graph
-    from mergeflow.mudsc.merge import activation_stats, prepare_backbones
+    from mergeflow.mudsc.merge import activation_stats
 
     models = _load_pair(pair)
     x = sample_images(pair.summary["dataset"], images, seed)
     moments = activation_stats(models, x, progress=True)
-    graph = build_graph(prepare_backbones(models, x[:2], reset_bn=False)[0], x[:2])
+    graph = build_graph(models[0].backbone, x[:2])
     with slot.writer("moments.safetensors") as out:
         tensors = {}
         for i, m in enumerate(moments):

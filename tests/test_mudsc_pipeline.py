@@ -30,7 +30,7 @@ def test_pipeline_runs_then_every_step_is_cached(tmp_path):
     from flows.mudsc import mudsc_pipeline
 
     methods = [("zipit", {}), ("mudsc", {"matcher": "permute", "max_iter": 2})]
-    kwargs = dict(store=str(tmp_path / "store"), family="mlp", dataset="mnist", methods=methods, images=64,
+    kwargs = dict(store=str(tmp_path / "store"), family="mlp", dataset="digits", methods=methods, images=64,
                   width=8, steps_per_model=5, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                   project_dir=str(tmp_path))
     first = mudsc_pipeline(**kwargs, return_state=True)

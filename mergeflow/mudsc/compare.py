@@ -1,7 +1,7 @@
 """The comparison table of one family: each model alone, output ensemble, naive average,
 weight matching, ZipIt!, MuDSC (zip and permute); joint and per-task test accuracy.
 
-    python -m mergeflow.mudsc.compare --family mlp --dataset mnist --root artifacts/mudsc_zoo
+    python -m mergeflow.mudsc.compare --family mlp --dataset mnist --root .zoo/mudsc
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=zoo.FAMILIES, action="append")
     parser.add_argument("--dataset", choices=zoo.DATASETS, action="append")
-    parser.add_argument("--root", default="artifacts/mudsc_zoo")
+    parser.add_argument("--root", default=".zoo/mudsc")
     parser.add_argument("--images", type=int, default=2000, help="unlabelled training images")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--sweep", type=int, default=0, metavar="N",

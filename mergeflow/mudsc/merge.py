@@ -50,9 +50,14 @@ def _check_models(models: Sequence[nn.Module]) -> None:
             raise ValueError(f"model {i}'s backbone differs from model 0's (first differences: {diff})")
 
 
+def _checked_graph(models: Sequence[nn.Module], images: torch.Tensor) -> MergeGraph:
+    """Same architecture, supported modules: checked before any pass over the data."""
+    _check_models(models)
+    return build_graph(models[0].backbone, images[:2])
+
+
 def prepare_backbones(models: Sequence[nn.Module], images: torch.Tensor, reset_bn: bool = True) -> list[nn.Module]:
     """Copies of the backbones in eval mode, BatchNorm statistics re-estimated on `images`."""
-    _check_models(models)
     backbones = [copy.deepcopy(m.backbone) for m in models]
     for b in backbones:
         if reset_bn and has_batchnorm(b):
@@ -64,8 +69,8 @@ def prepare_backbones(models: Sequence[nn.Module], images: torch.Tensor, reset_b
 def activation_stats(models: Sequence[nn.Module], images: torch.Tensor, batch_size: int = 256,
                      progress: bool = False) -> list[Moments]:
     """Per-merge-point moments of the models' concatenated features (the cacheable step)."""
+    graph = _checked_graph(models, images)
     backbones = prepare_backbones(models, images)
-    graph = build_graph(backbones[0], images[:2])
     return collect_moments(backbones, graph, images, batch_size, progress)
 
 
@@ -97,8 +102,8 @@ def merge_models(models: Sequence[nn.Module], images: torch.Tensor, *, matcher: 
         raise ValueError(f"unknown matcher {matcher!r}; use 'zip' or 'permute'")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    graph = _checked_graph(models, images)
     backbones = prepare_backbones(models, images, reset_bn)
-    graph = build_graph(backbones[0], images[:2])
     s_act = None
     if alpha < 1:
         if stats is None:
@@ -129,7 +134,7 @@ def weight_matching(models: Sequence[nn.Module], images: torch.Tensor, **kwargs)
 
 def naive_average(models: Sequence[nn.Module], images: torch.Tensor, reset_bn: bool = True) -> MergeResult:
     """Baseline: unit i of every model averaged with no matching (BatchNorm reset like the rest)."""
+    graph = _checked_graph(models, images)
     backbones = prepare_backbones(models, images, reset_bn)
-    graph = build_graph(backbones[0], images[:2])
     mats = [merge_unmerge(identity_assignment(p.size, len(models)), len(models)) for p in graph.points]
     return MergeResult(_assemble(models, backbones, graph, mats, images, reset_bn), graph, None)

@@ -21,7 +21,8 @@ from mergeflow.checkpoint_writer import save_checkpoint
 from mergeflow.mudsc.models import DEFAULT_WIDTH, Classifier, build_backbone
 
 FAMILIES = ("mlp", "resnet_bn", "cnn_gn", "vit")
-DATASETS = ("mnist", "fashion_mnist")
+DATASETS = ("mnist", "fashion_mnist")  # the family's datasets
+TEST_DATASETS = ("digits",)  # sklearn's 1,797 digits: loads instantly, for pipeline tests
 TASK_CLASSES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))
 DEFAULT_STEPS = {"mlp": 300, "resnet_bn": 150, "cnn_gn": 200, "vit": 300}
 
@@ -47,8 +48,8 @@ def pair_specs(family: str, dataset: str, width: int | None = None, steps: int |
     """Model k learns TASK_CLASSES[k] from random seed k."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; available: {FAMILIES}")
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; available: {DATASETS}")
+    if dataset not in DATASETS + TEST_DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; available: {DATASETS + TEST_DATASETS}")
     return [ModelSpec(family, dataset, classes, seed, width or DEFAULT_WIDTH[family], steps or DEFAULT_STEPS[family])
             for seed, classes in enumerate(TASK_CLASSES)]
 
