@@ -3,7 +3,8 @@
 Deploys the real merge pipeline from infra/prefect.yaml (pointed at a tiny zoo's params file),
 triggers the on-demand deployment and lets the cron deployment fire on its own (its schedule
 is set to every minute at deploy time with --cron), then checks that both flow runs COMPLETED
-and that each recorded its merge run on the MLflow tracking server.
+and that each recorded its merge run on the MLflow tracking server; then registers both merged
+models in the server's model registry and gives the best on validation the alias `champion`.
 Also registers the GPU work pool from infra/k8s-gpu-base-job-template.json (the server
 validates the template). Every process started is stopped by the `servers` fixture.
 """
@@ -121,10 +122,31 @@ def test_deployments_run_on_demand_and_on_cron(servers: Servers, tiny_zoo_store:
     scheduled = wait_scheduled_run(servers, nightly, CRON_TIMEOUT_S)
     assert scheduled["state_type"] == "COMPLETED", f"{scheduled['state']}\n{servers.procs.log('worker')}"
 
+    merge_runs = []
     for flow_run, lam in ((run, "0.3"), (scheduled, "0.4")):
         recorded = mlflow_runs_during(servers, flow_run)
         assert [(r.data.tags.get("mergeflow.method"), r.data.params.get("hparams.lam"))
                 for r in recorded] == [("task_arithmetic", lam)], recorded
+        merge_runs += recorded
+
+    register_and_promote(servers, params_file.parent / ".artifacts" / "merged", merge_runs)
+
+
+def register_and_promote(servers: Servers, merged_store: Path, merge_runs: list) -> None:
+    """Each merge's model becomes a registry version on the server; the best on val is champion."""
+    from tasks.registry import VAL_ACCURACY_TAG, champion, promote_champion, register_merged_model
+
+    model_by_hash = {}
+    for artifact in merged_store.iterdir():
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        model_by_hash[manifest["content_hash"]] = artifact / manifest["main"]
+    versions = [register_merged_model(model_by_hash[r.data.tags["mergeflow.output_hash"]], r.info.run_id,
+                                      tracking_uri=servers.mlflow_uri) for r in merge_runs]
+    val = {str(v.version): float(v.tags[VAL_ACCURACY_TAG]) for v in versions}
+    assert val == {str(i + 1): r.data.metrics["accuracy_avg"] for i, r in enumerate(merge_runs)}
+    best = promote_champion(tracking_uri=servers.mlflow_uri)
+    assert val[str(best.version)] == max(val.values())
+    assert str(champion(tracking_uri=servers.mlflow_uri).version) == str(best.version)
 
 
 def test_gpu_pool_template_renders_gpu_job(servers: Servers) -> None:
