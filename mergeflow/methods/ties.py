@@ -77,8 +77,10 @@ def kept_rank(d: int, k: float) -> int:
 def trim_global(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Keep entries with |tau| >= the task's threshold; thresholds has one value per task."""
     shape = (-1,) + (1,) * (deltas.dim() - 1)
-    # A float 0/1 mask: float * bool takes a slow mixed-dtype path in torch; same products.
-    return deltas * (deltas.abs() >= thresholds.reshape(shape)).to(deltas.dtype)
+    # deltas * (|deltas| >= t) computed as an in-place 0/1 float mask times deltas: the same
+    # products, without torch's slow bool and mixed-dtype passes over memory.
+    mask = deltas.abs().ge_(thresholds.reshape(shape).to(deltas.dtype))
+    return mask.mul_(deltas)
 
 
 def trim_per_tensor(deltas: torch.Tensor, k: float) -> torch.Tensor:
@@ -129,12 +131,12 @@ def disjoint_aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, agg: str) -> 
     over memory; vote is gamma with 0 read as -1 (the official rule when gamma is 0).
     """
     vote = torch.where(gamma == 0, -1.0, gamma) if bool((gamma == 0).any()) else gamma
-    keep = ((trimmed * vote) > 0).to(trimmed.dtype)
+    keep = (trimmed * vote).gt_(0)  # a 0/1 float mask, in place
     selected = trimmed * keep
     if agg == "mean":
         # keep implies a non-zero entry, so this is the official count of non-zero selected entries.
         count = sum_over_tasks(keep)
-        return sum_over_tasks(selected) / count.clamp(min=1)
+        return sum_over_tasks(selected) / count.clamp_(min=1)
     if agg == "sum":
         return sum_over_tasks(selected)
     if agg == "max":
