@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from mergeflow import datasets
 from mergeflow.checkpoint_writer import save_checkpoint
@@ -157,11 +158,17 @@ def _build_into(spec: ZooSpec, data: dict[str, Dataset], root: Path, progress: b
     from mergeflow.merging import merge
 
     merged = merge("task_arithmetic", pretrained, [experts[t] for t in spec.tasks], lam=spec.merge_lam)
-    acc = {"pretrained": {}, "experts": {}, "task_arithmetic": {"lam": spec.merge_lam}}
-    for split in ("val", "test"):
-        acc["pretrained"][split] = _evaluate(spec, pretrained, heads, data, split, spec.tasks)
-        acc["experts"][split] = {t: _evaluate(spec, experts[t], heads, data, split, [t])[t] for t in spec.tasks}
-        acc["task_arithmetic"][split] = _evaluate(spec, merged, heads, data, split, spec.tasks)
+    # Encoder weights per (model, task): experts are evaluated on their own task only.
+    states = {"pretrained": dict.fromkeys(spec.tasks, pretrained), "experts": experts,
+              "task_arithmetic": dict.fromkeys(spec.tasks, merged)}
+    acc: dict = {name: {} for name in states}
+    acc["task_arithmetic"]["lam"] = spec.merge_lam
+    jobs = [(name, split, task) for name in states for split in ("val", "test") for task in spec.tasks]
+    for name, split, task in tqdm(jobs, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True):
+        encoder = build_encoder(spec.vit, states[name][task]).to(spec.device)
+        acc[name].setdefault(split, {})[task] = accuracy(
+            encoder, heads[task].to(spec.device), getattr(data[task], split), device=spec.device,
+            limit=spec.eval_limit)
     summary = {
         "format": FORMAT_VERSION,
         "spec": spec.to_json(),
@@ -227,13 +234,6 @@ def _finetune(spec: ZooSpec, pretrained: dict[str, torch.Tensor], head: nn.Linea
     training.fit(model, list(encoder.parameters()), batches, steps=spec.finetune_steps, lr=spec.finetune_lr,
                  weight_decay=spec.weight_decay, device=spec.device, desc=f"fine-tune {task}", progress=progress)
     return {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
-
-
-def _evaluate(spec: ZooSpec, state: dict[str, torch.Tensor], heads: dict[str, nn.Linear],
-              data: dict[str, Dataset], split: str, tasks) -> dict[str, float]:
-    encoder = build_encoder(spec.vit, state).to(spec.device)
-    return {t: accuracy(encoder, heads[t].to(spec.device), getattr(data[t], split), device=spec.device,
-                        limit=spec.eval_limit) for t in tasks}
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
