@@ -10,6 +10,9 @@
 The zoo is built in a temporary sibling directory and renamed into place at the end, so an
 interrupted build leaves nothing half-made. Same spec, same bytes (on a given machine): every
 random choice comes from a generator seeded by (seed, phase), training runs on a fixed thread count.
+
+Cost of the default spec (measured here): 125 s of one CPU core in all (about 90 s training,
+28 s build-time evaluation, the rest data loading); two builds gave identical bytes.
 """
 
 from __future__ import annotations
