@@ -23,6 +23,9 @@ QUIET_OFFLINE = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # The ephemeral API server logs cancellation tracebacks when it is stopped at exit while
+    # still flushing events; its real failures reach the client as API errors anyway.
+    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
 }
 
 
