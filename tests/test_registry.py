@@ -56,8 +56,8 @@ def test_register_versions_and_champion_is_best_on_validation(store: str, tmp_pa
     assert {k: str(v) for k, v in client.get_registered_model(MODEL_NAME).aliases.items()} == {CHAMPION: "2"}
 
     # The champion's source is the merged safetensors directory, logged with its run.
-    local = download_artifacts(artifact_uri=f"models:/{MODEL_NAME}@{CHAMPION}", tracking_uri=store,
-                               dst_path=str(tmp_path / "download"))
+    source = client.get_model_version_download_uri(MODEL_NAME, champion(tracking_uri=store).version)
+    local = download_artifacts(artifact_uri=source, tracking_uri=store, dst_path=str(tmp_path / "download"))
     got, want = load_state_dict(local), load_state_dict(runs[1][1])
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
 
