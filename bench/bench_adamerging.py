@@ -143,18 +143,51 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakRss:
+    """Samples the resident set size every 0.5 ms in a thread; `peak` is the largest seen."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _rss_mib(), False
+
+        def sample():
+            while not self._stop:
+                self.peak = max(self.peak, _rss_mib())
+                time.sleep(0.0005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
 def memory_child(model: str, variant: str, args) -> None:
-    """Run in a fresh process: peak memory of one step of one variant, printed as JSON."""
+    """Run in a fresh process: memory of one variant's setup and of one step, printed as JSON."""
     encoder, tvs, heads, inputs = build(model, args.zoo, args.seq_len)
     config = AdaMergingConfig()
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    impl = (Ours if variant == "ours" else Naive)(encoder, tvs, heads, inputs, config, args.device)
-    impl.step(torch.Generator().manual_seed(1))
-    out = {"rss_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024}
-    if args.device.startswith("cuda"):
+    start = _rss_mib()
+    with PeakRss() as setup:
+        impl = (Ours if variant == "ours" else Naive)(encoder, tvs, heads, inputs, config, args.device)
+    impl.step(torch.Generator().manual_seed(1))  # warm-up: allocator caches, lazy inits
+    ready = _rss_mib()
+    with PeakRss() as step:
+        impl.step(torch.Generator().manual_seed(2))
+    out = {"setup_peak_mib": setup.peak - start, "step_peak_above_ready_mib": step.peak - ready}
+    if cuda:
         out["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     print(json.dumps(out))
 
