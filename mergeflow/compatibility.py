@@ -17,6 +17,10 @@ class IncompatibleCheckpoints(ValueError):
     """The models disagree on tensor names, shapes or dtypes."""
 
 
+class NonFiniteInput(ValueError):
+    """An input tensor holds NaN or inf."""
+
+
 def is_mergeable(dtype: torch.dtype) -> bool:
     """Only floating tensors are merged; integer and boolean buffers are copied from the base."""
     return dtype.is_floating_point
@@ -54,3 +58,13 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
             + "\nAll models must share the base's tensor names, shapes and dtypes "
             "(fine-tunes of the same pretrained checkpoint)."
         )
+
+
+def check_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    """Raise NonFiniteInput naming the model and tensor if any of `tensors` holds NaN or inf."""
+    for label, t in zip(labels, tensors, strict=True):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteInput(
+                f"{label}: tensor {name} contains NaN or inf; refusing to merge "
+                "(a diverged fine-tune? check that checkpoint)"
+            )

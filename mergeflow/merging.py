@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from mergeflow.compatibility import check_compatible, is_mergeable, signature_of
+from mergeflow.compatibility import check_compatible, check_finite, is_mergeable, signature_of
 from mergeflow.methods import GlobalStats, MergeMethod, TensorGroup, get_method
 from mergeflow.statistics import reduce_all
 
@@ -25,6 +25,9 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparam
     _check_model_count(m, len(finetuned))
     check_compatible(signature_of(base), [signature_of(sd) for sd in finetuned])
     float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype)]
+    labels = ["base", *(f"model {i}" for i in range(len(finetuned)))]
+    for name in float_names:  # values are checked before any merging work starts
+        check_finite(name, [base[name], *(sd[name] for sd in finetuned)], labels)
 
     def group(name: str) -> TensorGroup:
         return TensorGroup(

@@ -55,14 +55,7 @@ def test_engine_refuses_broken_checkpoint(case: str, tmp_path: Path) -> None:
     _assert_nothing_written(out)
 
 
-# The in-memory contract checks names/shapes/dtypes but not values: NaN/inf pass through
-# silently (the engine refuses them). Strict xfail: when mergeflow/merging.py gains the check,
-# these start passing and the marks must go.
-_NO_FINITE_CHECK = pytest.mark.xfail(strict=True, reason="missing check: mergeflow.merge() does not refuse NaN/inf")
-
-
-@pytest.mark.parametrize("case", [pytest.param("NaN in weights", marks=_NO_FINITE_CHECK),
-                                  pytest.param("inf in weights", marks=_NO_FINITE_CHECK),
+@pytest.mark.parametrize("case", ["NaN in weights", "inf in weights",
                                   "mismatched shape", "mismatched names", "mixed dtypes"])
 def test_in_memory_merge_refuses_bad_state_dict(case: str, tmp_path: Path) -> None:
     base, models = corpus.family(tmp_path)
