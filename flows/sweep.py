@@ -8,7 +8,9 @@ method's setting is chosen on the VALIDATION split (never test), then reported o
         -> evaluate(test) of the chosen settings, pretrained and experts
 
 Every grid point is an MLflow child run (val metrics) under one parent run per method; the
-parent records the chosen setting and its test accuracy. Merges and evaluations are the same
+parent records the chosen setting and its test accuracy. Each method's chosen merge is
+registered in the MLflow model registry, and the alias `champion` goes to the best of them by
+validation accuracy (tasks/registry.py). Merges and evaluations are the same
 cached tasks as the merge pipeline, so a point already computed by `mergeflow run` is reused.
 """
 
@@ -76,6 +78,7 @@ def validate_point(inputs: MergeInputs, choice: MethodChoice):
 
 def track_sweep(params: Params, result: dict[str, Any], inputs: MergeInputs) -> None:
     """One parent run per method (chosen setting, its test accuracy), one child run per point."""
+    from tasks.registry import promote_champion, register_merged_model
     from tasks.tracking import Tracker
 
     tracker = Tracker(params.tracking.experiment, tracking_uri=params.tracking_uri(),
@@ -88,17 +91,22 @@ def track_sweep(params: Params, result: dict[str, Any], inputs: MergeInputs) -> 
                                                           "sweep.chosen": r["chosen"],
                                                           "sweep.selection_split": VALIDATION}) as parent:
             for point in r["points"]:
-                tracker.log_merge_run(
+                run_id = tracker.log_merge_run(
                     method=method, hyperparams=point["hparams"], accuracy=point["val"],
                     expert_accuracy=result["expert_val"], params={"evaluation.split": VALIDATION},
                     input_hashes=input_hashes, output_hash=point["merged"].content_hash,
                     run_name=f"{point['label']} [val]", parent_run_id=parent,
                     tags={"mergeflow.sweep.chosen": str(point["label"] == r["chosen"])})
+                if point["label"] == r["chosen"]:
+                    register_merged_model(point["merged"].path, run_id,
+                                          val_accuracy=point["val_average"],
+                                          tracking_uri=params.tracking_uri())
             from mlflow.entities import Metric
 
             tracker.client.log_batch(parent, metrics=[
                 Metric(f"test_accuracy/{t}", float(a), 0, 0) for t, a in r["test"].items()
             ] + [Metric("test_accuracy_avg", float(r["test_average"]), 0, 0)])
+    promote_champion(tracking_uri=params.tracking_uri())
 
 
 def format_sweep(result: dict[str, Any]) -> str:

@@ -181,3 +181,10 @@ def test_sweep_chooses_on_validation_and_logs_every_point(project):
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert len(children) == 3
     assert sum(c.data.tags["mergeflow.sweep.chosen"] == "True" for c in children) == 1
+
+    # The chosen merge is registered and, as the only candidate, holds the champion alias.
+    from tasks.registry import CHAMPION, MODEL_NAME
+
+    champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    chosen_run = next(c for c in children if c.data.tags["mergeflow.sweep.chosen"] == "True")
+    assert champion.run_id == chosen_run.info.run_id
