@@ -54,6 +54,14 @@ class ZooParams(_Section):
         return ZooSpec(**self.spec).to_json()
 
 
+LABEL_MAX_HPARAMS = 5  # a label lists at most this many defaults
+
+
+def _json(value: Any) -> Any:
+    """A default as model_dump(mode="json") gives it (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 class MethodChoice(BaseModel):
     """A merge method plus its hyperparameters, flat: {method: ties, k: 0.2, lam: 1.0}."""
 
@@ -99,9 +107,19 @@ class MethodChoice(BaseModel):
 
     @property
     def label(self) -> str:
-        """A short, stable name for tables and MLflow runs: `ties(k=0.2,lam=1.0)`."""
-        hp = self.hparams()
-        return self.method + (f"({','.join(f'{k}={v}' for k, v in sorted(hp.items()))})" if hp else "")
+        """A short, stable name for tables and MLflow runs: `ties(k=0.2,lam=1.0)`.
+
+        Methods with many hyperparameters (AdaMerging has twenty) show only those set in
+        params.yaml or differing from the default; the full set is logged as the run's params.
+        """
+        from mergeflow.methods import get_method
+
+        hp, given = self.hparams(), self.model_extra or {}
+        if len(hp) > LABEL_MAX_HPARAMS:
+            fields = get_method(self.method).hyperparams.model_fields
+            hp = {k: v for k, v in hp.items() if k in given or v != _json(fields[k].default)}
+        shown = dict(sorted(hp.items()))
+        return self.method + (f"({','.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
 
 
 class EvaluationParams(_Section):

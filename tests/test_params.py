@@ -68,6 +68,14 @@ def test_hyperparameters_apply_to_the_method_that_declares_them():
     assert p.merge.label == "task_arithmetic(lam=0.5)"
 
 
+def test_label_shows_the_given_hyperparameters_not_every_default():
+    p = validate_params({"merge": {"method": "adamerging", "steps": 10, "lam": 0.5}})
+    assert p.merge.label == "adamerging(steps=10)"  # lam is not adamerging's; defaults not listed
+    assert validate_params({"merge": {"method": "ties"}}).merge.label == (
+        "ties(agg=mean,elect=mass,k=0.2,lam=1.0,trim_scope=global)")  # small methods: everything
+    assert p.merge.hparams()["prior"] == 0.3  # ...but they are all still in the hyperparameters
+
+
 def test_primary_merge_is_not_repeated_in_compare():
     p = validate_params({"merge": {"method": "task_arithmetic", "lam": 0.3},
                          "compare": [{"method": "average"}, {"method": "task_arithmetic"}]})
