@@ -4,8 +4,7 @@ The I/O floor is the least any merge must do: read every tensor of the base and 
 once and write one model. Each measurement runs in its own process, so its peak RSS
 (`wait4` ru_maxrss) is its own. Ratios are taken within one run (the machine is shared).
 
-    python bench/make_llama.py --size 0.5b --models 3 --out /tmp/mf_llama_05b   # once
-    python bench/bench_pcb.py --models-dir /tmp/mf_llama_05b [--methods pcb ties]
+    python bench/bench_pcb.py --size 0.5b [--methods pcb ties]   # builds the checkpoints once
 
 Targets (issue 4): pcb wall time <= 3x the floor, peak RSS <= 2 GiB.
 """
@@ -84,11 +83,16 @@ def _import_seconds() -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", default="/tmp/mf_llama_05b", help="holds base/ and ft*/ (make_llama.py)")
+    parser.add_argument("--size", default="small", choices=["small", "0.5b"])
+    parser.add_argument("--models-dir", default=None,
+                        help="holds base/ and ft*/ (default /tmp/mf_llama_SIZE, built if missing)")
     parser.add_argument("--methods", nargs="+", default=["pcb"], choices=sorted(HPARAMS))
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    root = Path(args.models_dir)
+    root = Path(args.models_dir or f"/tmp/mf_llama_{args.size.replace('.', '')}")
+    if args.models_dir is None and not (root / "base").is_dir():
+        subprocess.run([sys.executable, str(ROOT / "bench" / "make_llama.py"), "--size", args.size,
+                        "--models", "3", "--out", str(root)], check=True)
     base = str(root / "base")
     models = sorted(str(p) for p in root.glob("ft*"))
     if not (root / "base").is_dir() or not models:
