@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergeflow.methods.base import GlobalStats, Hyperparams, TensorGroup, sum_over_tasks
+from mergeflow.methods.base import GlobalStats, Hyperparams, TensorGroup
 from mergeflow.methods.registry import register
 
 
@@ -31,7 +31,8 @@ def task_arithmetic(
     if not isinstance(params.lam, list):
         # Summed in task order so every entry rounds the same way in whole tensors and in the
         # streaming engine's row chunks (torch.sum(dim=0) vectorises a tensor's tail differently).
-        return group.base + params.lam * sum_over_tasks(group.deltas)
+        # In place on one running sum: (sum * lam) + base rounds exactly like base + lam * sum.
+        return _sum_of_deltas(group).mul_(params.lam).add_(group.base)
     if len(params.lam) != group.n:
         raise ValueError(f"task_arithmetic got {len(params.lam)} lam values for {group.n} fine-tuned models")
     deltas = group.deltas
@@ -39,3 +40,13 @@ def task_arithmetic(
     for lam_i, tau_i in zip(params.lam, deltas, strict=True):
         merged += lam_i * tau_i
     return merged
+
+
+def _sum_of_deltas(group: TensorGroup) -> torch.Tensor:
+    """sum_over_tasks(group.deltas), bitwise, with one row of scratch instead of all n deltas."""
+    models, base = group.models, group.base
+    total = models[0] - base
+    scratch = torch.empty_like(total)
+    for model in models[1:]:
+        total += torch.sub(model, base, out=scratch)
+    return total

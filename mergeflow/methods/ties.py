@@ -110,7 +110,7 @@ def scale_per_task(trimmed: torch.Tensor, lam: float | list[float]) -> torch.Ten
 
 def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
     """gamma = sign of the sum over tasks (0 where it is exactly zero)."""
-    return torch.sign(sum_over_tasks(trimmed))
+    return sum_over_tasks(trimmed).sign_()  # in place on the fresh sum: one temporary less
 
 
 def sign_count_values(trimmed: torch.Tensor) -> torch.Tensor:
@@ -119,9 +119,9 @@ def sign_count_values(trimmed: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_zero_signs(gamma: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
-    """Entries with gamma = 0 take the whole model's majority sign."""
-    majority_sign = torch.sign(majority.to(torch.float32)).to(gamma.device).reshape(())
-    return torch.where(gamma == 0, majority_sign, gamma)
+    """Entries with gamma = 0 take the whole model's majority sign (in place on a fresh gamma)."""
+    majority_sign = float(torch.sign(majority.to(torch.float32)).reshape(()))
+    return gamma.masked_fill_(gamma == 0, majority_sign)
 
 
 def disjoint_aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, agg: str) -> torch.Tensor:
@@ -132,11 +132,12 @@ def disjoint_aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, agg: str) -> 
     """
     vote = torch.where(gamma == 0, -1.0, gamma) if bool((gamma == 0).any()) else gamma
     keep = (trimmed * vote).gt_(0)  # a 0/1 float mask, in place
-    selected = trimmed * keep
     if agg == "mean":
         # keep implies a non-zero entry, so this is the official count of non-zero selected entries.
         count = sum_over_tasks(keep)
-        return sum_over_tasks(selected) / count.clamp_(min=1)
+        # The mask becomes the selected values in place (keep * trimmed == trimmed * keep bitwise).
+        return sum_over_tasks(keep.mul_(trimmed)).div_(count.clamp_(min=1))
+    selected = keep.mul_(trimmed)
     if agg == "sum":
         return sum_over_tasks(selected)
     if agg == "max":
@@ -145,10 +146,14 @@ def disjoint_aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, agg: str) -> 
 
 
 def combine(base: torch.Tensor, tau_m: torch.Tensor, lam: float | list[float]) -> torch.Tensor:
-    """theta_0 + lam * tau_m (scalar lam); per-task lam was applied before the election."""
+    """theta_0 + lam * tau_m (scalar lam); per-task lam was applied before the election.
+
+    Works in place on `tau_m` (callers pass a fresh aggregate): lam * tau_m + theta_0 rounds
+    exactly like theta_0 + lam * tau_m (IEEE addition is commutative), without two temporaries.
+    """
     if isinstance(lam, list):
-        return base + tau_m
-    return base + lam * tau_m
+        return tau_m.add_(base)
+    return tau_m.mul_(lam).add_(base)
 
 
 # ---- the method ----
@@ -165,7 +170,7 @@ def _trimmed(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> torc
 def _magnitudes(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
     if params.trim_scope != "global":
         return {}
-    return {"ties_abs_tau": group.deltas.abs().reshape(group.n, -1)}
+    return {"ties_abs_tau": group.deltas.abs_().reshape(group.n, -1)}  # deltas is a fresh tensor
 
 
 def _thresholds(params: TiesParams) -> dict[str, Reduce]:
