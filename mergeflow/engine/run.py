@@ -44,6 +44,7 @@ from mergeflow.methods import GlobalStats, StatPass, TensorGroup
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 ASSUMED_BYTES_PER_SECOND = 0.5e9  # per pass over the inputs, a conservative CPU figure
+TRIM_EVERY_BYTES = 512 << 20  # input bytes between malloc_trim calls (see _trim_freed_memory)
 
 
 class NonFiniteInput(ValueError):
@@ -293,6 +294,7 @@ def _run_units(plan: MergePlan, units: Sequence[Unit], work: Callable[[Unit], ob
                progress: bool, label: str) -> Iterable:
     """work(unit) on a thread pool; yields results in unit order, few in flight."""
     bar = _bar(sum(plan.unit_bytes(u) for u in units), label) if progress else None
+    since_trim = 0
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow") as pool:
             pending: deque = deque()
@@ -314,6 +316,10 @@ def _run_units(plan: MergePlan, units: Sequence[Unit], work: Callable[[Unit], ob
                     pending.append((nxt, pool.submit(work, nxt)))
                 if bar is not None:
                     bar.update(plan.unit_bytes(unit))
+                since_trim += plan.unit_bytes(unit)
+                if since_trim >= TRIM_EVERY_BYTES:
+                    since_trim = 0
+                    _trim_freed_memory()
                 yield result
     finally:
         if bar is not None:
@@ -351,6 +357,22 @@ def _return_freed_memory() -> None:
         m_mmap_threshold, m_arena_max = -3, -8
         libc.mallopt(m_mmap_threshold, 4 << 20)
         libc.mallopt(m_arena_max, 2)
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim_freed_memory() -> None:
+    """Give free arena memory back to the OS (glibc malloc_trim; elsewhere a no-op).
+
+    Unit temporaries live in malloc's arenas (below the mmap threshold), where long-lived small
+    buffers (TIES's kept candidate values) fragment them and resident memory grows. Trimming
+    every TRIM_EVERY_BYTES of input bounds it: at 0.5B TIES/global peaked at 2.9 GiB without,
+    1.3 GiB with, for a few seconds of page faults.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
