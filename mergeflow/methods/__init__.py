@@ -1,7 +1,6 @@
 """Merge methods. Each module registers one method; importing this package registers them all."""
 
-from mergeflow.methods import adamerging, average, pcb, task_arithmetic  # noqa: F401
-from mergeflow.methods import dare, slerp, ties  # noqa: F401
+from mergeflow.methods import adamerging, average, dare, pcb, slerp, task_arithmetic, ties  # noqa: F401
 from mergeflow.methods.base import (
     GlobalStats,
     Hyperparams,
