@@ -65,6 +65,6 @@ def check_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[st
     for label, t in zip(labels, tensors, strict=True):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteInput(
-                f"{label}: tensor {name} contains NaN or inf; refusing to merge "
-                "(a diverged fine-tune? check that checkpoint)"
+                f"{label}: tensor {name} contains NaN or inf; refusing to merge, nothing was "
+                "written (a diverged fine-tune? check that checkpoint)"
             )

@@ -7,13 +7,9 @@
 See `run.py` for the order of work, `selection.py` for the exact streaming order statistics.
 """
 
+from mergeflow.compatibility import NonFiniteInput  # shared with the in-memory merge
 from mergeflow.engine.plan import MergeConfigError, MergePlan, plan_merge
-from mergeflow.engine.run import (
-           MergeResult,
-           NonFiniteInput,
-           compute_global_stats,
-           merge_checkpoints,
-)
+from mergeflow.engine.run import MergeResult, compute_global_stats, merge_checkpoints
 
 __all__ = ["MergeConfigError", "MergePlan", "MergeResult", "NonFiniteInput", "compute_global_stats",
            "merge_checkpoints", "plan_merge"]

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from mergeflow.compatibility import check_finite
 from mergeflow.engine.manifest import copy_side_files, model_card
 from mergeflow.engine.plan import DEFAULT_CHUNK_ELEMS, MANIFEST_FILE, MergePlan, Unit, plan_merge
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET, PassReduction
@@ -45,10 +46,6 @@ from mergeflow.methods import GlobalStats, StatPass, TensorGroup
 DEFAULT_SHARD_BYTES = 2 * 2**30
 ASSUMED_BYTES_PER_SECOND = 0.5e9  # per pass over the inputs, a conservative CPU figure
 TRIM_EVERY_BYTES = 512 << 20  # input bytes between malloc_trim calls (see _trim_freed_memory)
-
-
-class NonFiniteInput(ValueError):
-    """An input tensor holds NaN or inf."""
 
 
 @dataclass(frozen=True)
@@ -284,10 +281,8 @@ def _check_finite(plan: MergePlan, unit: Unit, base: torch.Tensor, models: torch
     # A sum is one cheap read; only a non-finite sum needs the exact (costlier) check.
     if math.isfinite(float(base.sum()) + float(models.sum())):
         return
-    for label, t in [(str(plan.base.path), base), *[(str(m.path), models[i]) for i, m in enumerate(plan.models)]]:
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteInput(f"{label}: tensor {unit.name} contains NaN or inf; refusing to merge "
-                                 "(no output was written)")
+    labels = [str(plan.base.path), *(str(m.path) for m in plan.models)]
+    check_finite(unit.name, [base, *models.unbind(0)], labels)
 
 
 def _run_units(plan: MergePlan, units: Sequence[Unit], work: Callable[[Unit], object], workers: int,
