@@ -340,10 +340,11 @@ def _return_freed_memory() -> None:
     By default glibc raises its mmap threshold after each large free, so the engine's many
     chunk-sized buffers end up in per-thread arenas that keep their memory: resident memory would
     grow with the number of threads and chunks instead of staying at the chunks in flight.
-    Two shared arenas and a fixed 4 MiB mmap threshold: a trade-off measured at 0.5B (base + 3):
-    1 MiB makes every chunk buffer a fresh mapping (page faults: TIES 37x the I/O floor, 486 MiB);
-    64 MiB keeps them in arenas that fragment around TIES's long-lived candidate values
-    (19x, 5.3 GiB); 4 MiB gave 18x and 1.4 GiB for TIES, 2.9x and 339 MiB for task arithmetic.
+    Two shared arenas and a fixed 4 MiB mmap threshold. The engine's units (DEFAULT_CHUNK_ELEMS)
+    keep float32 temporaries below that threshold, so they are reused from the arenas instead of
+    each being a fresh mapping (a page-fault storm: that cost TIES 2x at 0.5B); the periodic
+    `_trim_freed_memory` bounds the arenas' growth. Measured at 0.5B (base + 3, bf16): task
+    arithmetic 1.25x the I/O floor at 270 MiB, global TIES 8.7x at 676 MiB (bench/bench_engine.py).
     """
     try:
         import ctypes
