@@ -62,11 +62,43 @@ def _json(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+class SearchSettings(_Section):
+    """`search:` in a merge entry: tune one lam per task by PCB's evolutionary search on the
+    VALIDATION split, then merge with the best (flows/coefficient_search.py). For methods whose
+    `lam` may be a per-task list: pcb (variant vision or vision_es), task_arithmetic, ties."""
+
+    budget: int = Field(100, gt=0, description="candidates evaluated (official: 100)")
+    lower: float = Field(0.8, description="lower bound of every lam (official: 0.8)")
+    upper: float = Field(1.3, description="upper bound of every lam (official: 1.3)")
+    init: float = Field(1.0, description="starting lam of every task (official: 1.0)")
+    workers: int = Field(2, gt=0, description="candidates evaluated in parallel")
+    seed: int = Field(0, description="the optimiser's seed: same seed, same candidates")
+    limit: int | None = Field(None, gt=0, description="validation examples per task per candidate; "
+                                                      "null = evaluation.limit")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchSettings:
+        if not self.lower < self.upper:
+            raise ValueError(f"[upper] must be above lower ({self.lower}), got {self.upper}")
+        if not self.lower <= self.init <= self.upper:
+            raise ValueError(f"[init] {self.init} is outside [lower, upper] = [{self.lower}, {self.upper}]")
+        return self
+
+    def label(self) -> str:
+        """`search(budget=100)`, plus every setting that differs from its default."""
+        shown = {k: v for k, v in self.model_dump().items()
+                 if k == "budget" or v != type(self).model_fields[k].default}
+        return f"search({','.join(f'{k}={v}' for k, v in shown.items())})"
+
+
 class MethodChoice(BaseModel):
-    """A merge method plus its hyperparameters, flat: {method: ties, k: 0.2, lam: 1.0}."""
+    """A merge method plus its hyperparameters, flat: {method: ties, k: 0.2, lam: 1.0}.
+
+    `search` (optional) replaces `lam` by a per-task list chosen by a coefficient search."""
 
     model_config = ConfigDict(extra="allow")
     method: str
+    search: SearchSettings | None = None
 
     @field_validator("method")
     @classmethod
@@ -87,7 +119,22 @@ class MethodChoice(BaseModel):
                     f"[{key}] unknown hyperparameter; hyperparameters of the registered methods: "
                     f"{', '.join(sorted(known))} (`mergeflow methods` lists them per method)")
         self.hparams()  # validate the chosen method's own values now, not at merge time
+        if self.search is not None:
+            self._check_searchable()
         return self
+
+    def _check_searchable(self) -> None:
+        from mergeflow.coefficient_search import SEARCHABLE, candidate_hparams
+
+        if self.method not in SEARCHABLE:
+            raise ValueError(f"[search] {self.method!r} has no per-task lam to search; methods with "
+                             f"a search: {', '.join(SEARCHABLE)} (or remove `search`)")
+        if "lam" in (self.model_extra or {}):
+            raise ValueError("[lam] is set together with `search`, which chooses it; remove one of them")
+        try:
+            candidate_hparams(self.method, self.hparams(), [self.search.init])
+        except ValueError as e:
+            raise ValueError(f"[variant] {e}" if self.method == "pcb" else f"[search] {e}") from None
 
     def hparams(self) -> dict[str, Any]:
         """The validated hyperparameters of `method`, with its defaults filled in."""
@@ -96,7 +143,7 @@ class MethodChoice(BaseModel):
         m = get_method(self.method)
         own = {k: v for k, v in (self.model_extra or {}).items() if k in m.hyperparams.model_fields}
         try:
-            return m.params(**own).model_dump(mode="json")
+            hp = m.params(**own).model_dump(mode="json")
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
@@ -104,6 +151,9 @@ class MethodChoice(BaseModel):
             raise ValueError(
                 f"[{field}] {first['msg']} (method {self.method!r}; `mergeflow methods` lists "
                 "valid values)") from None
+        if self.search is not None:
+            hp.pop("lam", None)  # the search supplies it (flows/preparation.py)
+        return hp
 
     @property
     def label(self) -> str:
@@ -119,7 +169,8 @@ class MethodChoice(BaseModel):
             fields = get_method(self.method).hyperparams.model_fields
             hp = {k: v for k, v in hp.items() if k in given or v != _json(fields[k].default)}
         shown = dict(sorted(hp.items()))
-        return self.method + (f"({','.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
+        label = self.method + (f"({','.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
+        return label + (f"+{self.search.label()}" if self.search is not None else "")
 
 
 class EvaluationParams(_Section):
@@ -186,7 +237,8 @@ class Params(_Section):
         """The primary merge first, then the compared ones, without duplicates."""
         out: list[MethodChoice] = []
         for choice in [self.merge, *self.compare]:
-            if all((c.method, c.hparams()) != (choice.method, choice.hparams()) for c in out):
+            if all((c.method, c.hparams(), c.search) != (choice.method, choice.hparams(), choice.search)
+                   for c in out):
                 out.append(choice)
         return out
 
