@@ -13,6 +13,15 @@ what validation preferred. Works for pcb (variant vision_es or vision), task_ari
 MLflow: one run per search; per evaluation (step = its index) the metrics `search/val_mean`,
 `search/best_val_mean` and `search/lam/<task>`; artifacts `search.png` (objective and best so far
 vs evaluation) and `search_points.json`; params and the chosen lams.
+
+In the merge pipeline (a `search:` block on a pcb/task_arithmetic/ties entry of params.yaml),
+`prepare_search` is the preparation step (flows/preparation.py): it runs this flow as a subflow
+inside ONE cached task, `search_coefficients`, whose artifact (`search.json`, the lams in its
+summary) is keyed on the zoo, the checkpoints, the method's hyperparameters, every search and
+evaluation setting, the tracking destination and the code; a second run with the same params is
+Cached and never searches again. The merge then gets `lam` = the chosen per-task list, and
+`search_tags` gives its MLflow run the provenance (`mergeflow.lam_source=search`, the lams, the
+budget, the search's run id). The search's own objective is fixed to validation (tasks/).
 """
 
 from __future__ import annotations
@@ -20,12 +29,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.coefficient_search import evaluate_candidate, evaluate_choice, pcb_scores, search_figure
+from flows.params import SearchSettings
+from mergeflow.sources import CheckpointRef
+from tasks.artifacts import ArtifactRef
+from tasks.cache import ArtifactCache
+from tasks.coefficient_search import (
+    SEARCH_SPLIT,
+    evaluate_candidate,
+    evaluate_choice,
+    pcb_scores,
+    search_figure,
+)
 
-DEFAULTS = {"budget": 100, "lower": 0.8, "upper": 1.3, "init": 1.0}
+# The official pcb_ES.py settings; params.yaml's `search:` block has the same defaults.
+DEFAULTS = {k: SearchSettings.model_fields[k].default for k in ("budget", "lower", "upper", "init")}
 
 
 @flow(name="coefficient-search", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -49,6 +69,7 @@ def coefficient_search(
     experiment: str = "mergeflow",
     tracking_uri: str | None = None,
     project_dir: str = ".",
+    artifact_root: str | None = None,
 ) -> dict[str, Any]:
     """Search one coefficient per fine-tuned model of the zoo (models in sorted task order).
 
@@ -77,7 +98,7 @@ def coefficient_search(
     common = dict(zoo_dir=str(zoo.root), tasks=tasks, method=method, hparams=hparams, base=base,
                   models=models, scores=scores, limit=eval_limit, batch_size=batch_size, device=device)
 
-    tracker = _tracker(experiment, tracking_uri, project_dir) if track else None
+    tracker = _tracker(experiment, tracking_uri, project_dir, artifact_root) if track else None
     settings = {"method": method, "hparams": hparams, "budget": budget, "lower": lower, "upper": upper,
                 "init": init, "workers": workers, "seed": seed, "optimizer": "nevergrad.NGOpt",
                 "objective": "mean validation accuracy", "models": model_tasks, "eval_tasks": tasks,
@@ -144,10 +165,11 @@ def _check_settings(budget: int, lower: float, upper: float, init: float, worker
 # ---- MLflow ----------------------------------------------------------------------------------------
 
 
-def _tracker(experiment: str, tracking_uri: str | None, project_dir: str):
+def _tracker(experiment: str, tracking_uri: str | None, project_dir: str, artifact_root: str | None):
     from tasks.tracking import Tracker
 
-    return Tracker(experiment, tracking_uri=tracking_uri, project_dir=Path(project_dir))
+    return Tracker(experiment, tracking_uri=tracking_uri, artifact_root=artifact_root,
+                   project_dir=Path(project_dir))
 
 
 class _NoRun:
@@ -196,3 +218,80 @@ def _log_result(tracker, run_id: str | None, method: str, result: dict[str, Any]
     values = [p["val_mean"] for p in result["points"]]
     tracker.client.log_figure(run_id, search_figure(values, f"coefficient search: {method}"), "search.png")
     tracker.client.log_dict(run_id, {k: v for k, v in result.items() if k != "run_id"}, "search_points.json")
+
+
+# ---- the merge pipeline's preparation step (flows/preparation.py) ---------------------------------
+
+SEARCH_FILE = "search.json"
+SEARCH_POLICY = ArtifactCache(task="search_coefficients", kind="coefficient_search",
+                              code=("flows.coefficient_search", "tasks.coefficient_search",
+                                    "mergeflow.coefficient_search", "mergeflow.methods", "mergeflow.merging",
+                                    "mergeflow.statistics", "mergeflow.evaluation", "mergeflow.zoo",
+                                    "mergeflow.checkpoint"))
+
+
+@task(name="search_coefficients", cache_policy=SEARCH_POLICY, persist_result=True)
+def search_coefficients(store: str, zoo: ArtifactRef, base: CheckpointRef, models: dict[str, CheckpointRef],
+                        method: str, hparams: dict[str, Any], tasks: list[str], settings: dict[str, Any],
+                        batch_size: int, device: str, tracking: dict[str, Any] | None) -> ArtifactRef:
+    """Run the search (the flow above, as a subflow) once per distinct setting; the chosen lams
+    (one per model, in sorted task order) are in the returned ref's summary.
+
+    `base` and `models` are the pipeline's fetched checkpoints: the flow reads the same zoo
+    directories, and their content hashes put the checkpoints themselves into this task's key.
+    `tracking` ({experiment, tracking_uri, artifact_root, project_dir}, or None for no MLflow)
+    is in the key too, so the recorded run id always belongs to the current store."""
+    slot = SEARCH_POLICY.slot(locals())
+    if slot.done:
+        return slot.done
+    import json
+
+    result = coefficient_search(zoo_dir=zoo.path, store=store, method=method, hparams=hparams, tasks=tasks,
+                                budget=settings["budget"], lower=settings["lower"], upper=settings["upper"],
+                                init=settings["init"], workers=settings["workers"], seed=settings["seed"],
+                                eval_limit=settings["limit"], batch_size=batch_size, device=device,
+                                track=tracking is not None, **(tracking or {}))
+    if result["lams_by_task"].keys() != models.keys():
+        raise ValueError(f"the search tuned {sorted(result['lams_by_task'])}, the merge has {sorted(models)}")
+    with slot.writer(SEARCH_FILE) as out:
+        out.main_path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        out.summary = {"lams": result["lams"], "lams_by_task": result["lams_by_task"],
+                       "val_mean": result["val_mean"], "val_accuracy": result["val_accuracy"],
+                       "objective_split": SEARCH_SPLIT, "budget": settings["budget"],
+                       "evaluations": len(result["points"]), "run_id": result["run_id"]}
+    return out.ref
+
+
+def search_call(inputs, choice) -> dict[str, Any]:
+    """The arguments of `search_coefficients` for one merge choice: the step and `search_tags`
+    build them the same way, so the tags read exactly the artifact the step produced."""
+    params, ev, search = inputs.params, inputs.params.evaluation, choice.search
+    settings = {**search.model_dump(), "limit": search.limit or ev.limit}
+    tracking = None
+    if params.tracking.enabled:
+        tracking = {"experiment": params.tracking.experiment, "tracking_uri": params.tracking_uri(),
+                    "artifact_root": str(params.artifact_root()), "project_dir": params.project}
+    return {"store": inputs.store, "zoo": inputs.zoo, "base": inputs.base, "models": dict(inputs.models),
+            "method": choice.method, "hparams": choice.hparams(), "tasks": list(inputs.tasks),
+            "settings": settings, "batch_size": ev.batch_size, "device": inputs.device, "tracking": tracking}
+
+
+def prepare_search(inputs, choice) -> dict[str, Any]:
+    """The preparation step: search (cached), then merge with `lam` = the chosen per-task list."""
+    ref = search_coefficients(**search_call(inputs, choice))
+    return {"lam": ref.summary["lams"]}
+
+
+def search_tags(inputs, choice) -> dict[str, str]:
+    """MLflow tags for the merge made from a search's lams (read from the cached artifact)."""
+    import json
+
+    ref = SEARCH_POLICY.slot(search_call(inputs, choice)).done
+    if ref is None:
+        return {}
+    s = ref.summary
+    return {"mergeflow.lam_source": "search", "mergeflow.search.lams": json.dumps(s["lams"]),
+            "mergeflow.search.lams_by_task": json.dumps(s["lams_by_task"], sort_keys=True),
+            "mergeflow.search.budget": str(s["budget"]), "mergeflow.search.val_mean": str(s["val_mean"]),
+            "mergeflow.search.objective_split": s["objective_split"],
+            "mergeflow.search.run_id": str(s["run_id"]), "mergeflow.search.artifact": ref.path}

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow
 
 from flows.params import MethodChoice, Params
-from flows.preparation import MergeInputs, prepare
+from flows.preparation import MergeInputs, prepare, run_tags
 from flows.report import MergeResult, Report
 from tasks.cache import RecordedOnce
 from tasks.evaluate import evaluate_model
@@ -48,7 +48,8 @@ def merge_pipeline(params: Params) -> dict[str, Any]:
         accuracy = evaluate(inputs, merged, inputs.tasks, split)
         results.append(MergeResult(choice.label, choice.method, choice.hparams(), accuracy, merged))
         if params.tracking.enabled:
-            track(params, choice, accuracy, expert_acc, pretrained_acc, inputs.base, inputs.models, merged)
+            track(params, choice, accuracy, expert_acc, pretrained_acc, inputs.base, inputs.models, merged,
+                  run_tags(inputs, choice))
 
     publish(results[0].merged, params.path(params.outputs.merged))
     report = Report(tasks=inputs.tasks, split=split, pretrained=pretrained_acc,
@@ -84,7 +85,7 @@ def expert_accuracy(inputs: MergeInputs, split: str) -> dict[str, float]:
 
 
 def track(params: Params, choice: MethodChoice, accuracy, expert_acc, pretrained_acc, base,
-          experts, merged) -> None:
+          experts, merged, tags: dict[str, str] | None = None) -> None:
     """One MLflow run per merge, recorded once per distinct merge (see RecordedOnce)."""
     logged = {"zoo": params.zoo.zoo_spec(), "evaluation": params.evaluation.model_dump(mode="json"),
               "device": params.device, "merge": {"method": choice.method, **choice.hparams()}}
@@ -93,7 +94,7 @@ def track(params: Params, choice: MethodChoice, accuracy, expert_acc, pretrained
         expert_accuracy=expert_acc, pretrained_accuracy=pretrained_acc, params=logged,
         input_hashes={"pretrained": base.content_hash,
                       **{f"expert/{t}": m.content_hash for t, m in experts.items()}},
-        output_hash=merged.content_hash, run_name=choice.label,
+        output_hash=merged.content_hash, run_name=choice.label, tags=tags,
         experiment=params.tracking.experiment, tracking_uri=params.tracking_uri(),
         artifact_root=str(params.artifact_root()), project_dir=params.project)
 

@@ -17,6 +17,13 @@ How to add a step for method `m` (the whole change is one task and one line):
 3. Add `"m": "tasks.<m>:prepare_<m>"` to `STEPS` below.
 The merge's cache key covers what the step returns, so a changed coefficient re-runs the merge
 and everything after it, and nothing before.
+
+A coefficient search (`search:` on a pcb, task_arithmetic or ties entry) is not keyed by a method
+name: the same block applies to three methods. So it is one more step, `SEARCH_STEP`, run when
+the choice has a `search` block (after the method's own step, if any; params validation already
+refused `search` on other methods). It returns `{"lam": [one per task]}`, which replaces the
+method's lam in the merge. `run_tags(inputs, choice)` gives the merge's MLflow run the
+provenance of such inputs (the chosen lams, the budget, the search's run id).
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from tasks.artifacts import ArtifactRef
 STEPS: dict[str, str] = {
     "adamerging": "tasks.adamerging:prepare_adamerging",
 }
+# run when a choice has a `search:` block (any method with a per-task lam), and its MLflow tags
+SEARCH_STEP = "flows.coefficient_search:prepare_search"
+SEARCH_TAGS = "flows.coefficient_search:search_tags"
 
 
 @dataclass(frozen=True)
@@ -55,10 +65,23 @@ PreparationStep = Callable[[MergeInputs, MethodChoice], dict[str, Any]]
 
 
 def prepare(inputs: MergeInputs, choice: MethodChoice) -> dict[str, Any]:
-    """Run the method's preparation step, if it has one; returns the merge's extra inputs."""
-    target = STEPS.get(choice.method)
-    if target is None:
+    """Run the method's preparation step and the search step, where they apply; returns the
+    merge's extra inputs."""
+    prepared: dict[str, Any] = {}
+    if choice.method in STEPS:
+        prepared.update(_load(STEPS[choice.method])(inputs, choice))
+    if choice.search is not None:
+        prepared.update(_load(SEARCH_STEP)(inputs, choice))
+    return prepared
+
+
+def run_tags(inputs: MergeInputs, choice: MethodChoice) -> dict[str, str]:
+    """MLflow tags for the merge's run that say where prepared inputs came from ({} if nothing)."""
+    if choice.search is None:
         return {}
+    return dict(_load(SEARCH_TAGS)(inputs, choice))
+
+
+def _load(target: str) -> Callable[..., Any]:
     module, func = target.split(":")
-    step: PreparationStep = getattr(importlib.import_module(module), func)
-    return dict(step(inputs, choice))
+    return getattr(importlib.import_module(module), func)
