@@ -132,7 +132,7 @@ def test_sampled_window_finds_the_quantile_in_one_pass():
     values = torch.randn(2, 100_000, generator=g).abs()
     how = {"t": Reduce("x", "kth", rank=lambda d: d - int(0.2 * d))}
     red = PassReduction(how, cap=20_000)
-    red.set_windows({"x": values[:, ::50]}, 1 / 50, {"x": 100_000})
+    red.set_windows({"x": values[:, ::50]}, {"x": 100_000})
     for part in torch.split(values, 7_000, dim=1):
         red.absorb(red.summarize({"x": part}))
     assert red.finish_round()  # one pass
@@ -227,3 +227,43 @@ def test_dry_run_checks_and_writes_nothing(zoo, tmp_path, capsys):
     plan = merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", {}, dry_run=True)
     assert plan.n == 3 and not (tmp_path / "o").exists()
     assert "estimated time" in capsys.readouterr().err
+
+
+def _cancellation_models(majority: int) -> tuple[dict, list[dict]]:
+    """Two fine-tunes whose deltas cancel exactly on `cancel` and whose summed signs over the
+    whole model add up to `majority` (-1, 0 or +1) on `vote`."""
+    g = torch.Generator().manual_seed(7)
+    # values on a coarse grid, so base + d - base == d exactly
+    base = {"cancel": torch.randint(-8, 9, (64, 8), generator=g).float() / 4,
+            "vote": torch.randint(-8, 9, (9,), generator=g).float() / 4}
+    d = torch.randint(1, 5, (64, 8), generator=g).float() / 8
+    # vote: 4 positive entries, 4 negative, and one more whose sign sets the majority
+    signs = torch.tensor([1, 1, 1, 1, -1, -1, -1, -1, majority], dtype=torch.float32)
+    ft = [{"cancel": base["cancel"] + d, "vote": base["vote"] + 0.5 * signs},
+          {"cancel": base["cancel"] - d, "vote": base["vote"] + 0.25 * signs}]
+    return base, ft
+
+
+@pytest.mark.parametrize("majority", [-1, 0, 1])
+@pytest.mark.parametrize("method, hp", [("ties", {"k": 1.0, "lam": 0.5}), ("dare_ties", {"p": 0.0})])
+@pytest.mark.parametrize("agg", ["mean", "sum", "max"])
+def test_fused_majority_pass_resolves_exact_cancellations(tmp_path, majority, method, hp, agg):
+    # The engine merges before the majority sign is known and fixes the cancelled entries after.
+    base, fts = _cancellation_models(majority)
+    dirs = [_write(sd, tmp_path / f"m{i}", config=None) for i, sd in enumerate([base, *fts])]
+    result = merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "out", {**hp, "agg": agg},
+                               progress=False)
+    expected = mergeflow.merge(method, base, fts, **hp, agg=agg)
+    got = load_state_dict(tmp_path / "out")
+    for name in base:
+        assert torch.equal(got[name], expected[name]), name
+    assert result.output_hash == hash_checkpoint(tmp_path / "out")
+    assert result.stats[f"{method}_majority"] == [majority]  # sum of the elected signs
+    # by hand: a majority of +1 keeps the positive deltas, -1 (and 0) the negative ones
+    lam = hp.get("lam", 1.0)
+    d = fts[0]["cancel"] - base["cancel"]
+    if agg != "max" or majority != 0:
+        picked = d if majority > 0 else -d
+        assert torch.allclose(got["cancel"], base["cancel"] + lam * picked)
+    else:  # max with a majority of 0: gamma stays 0, the entry stays at the base
+        assert torch.equal(got["cancel"], base["cancel"])

@@ -95,6 +95,36 @@ class StatPass:
 
 
 @dataclass(frozen=True)
+class Provisional:
+    """One unit merged before the method's last statistic (a whole-model sum) is known.
+
+    `merged` used a provisional value of that statistic. It is final everywhere except at the
+    flat `positions` (rare, e.g. TIES entries whose summed sign is exactly 0 and whose value
+    depends on the whole model's majority sign); `resolve(stat)` gives their final values once the
+    statistic is complete, or None when the provisional values stand. `partial` is this unit's
+    contribution to the statistic (rows,), the numbers the StatPass's `Reduce("sum")` adds up.
+    """
+
+    merged: torch.Tensor
+    partial: torch.Tensor
+    positions: torch.Tensor | None = None
+    resolve: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+
+
+@dataclass(frozen=True)
+class FusedLastPass:
+    """Lets the streaming engine skip the method's last StatPass and fold it into the merge pass.
+
+    `stat` is the name of the one `Reduce("sum")` statistic that pass computes; `merge(group,
+    params, stats_without_it) -> Provisional`. A separate pass would read every model once more
+    only to learn a value that changes a handful of entries; the in-memory path keeps the pass.
+    """
+
+    stat: str
+    merge: Callable[[TensorGroup, Hyperparams, GlobalStats], Provisional]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     merge_tensor: Callable[[TensorGroup, Hyperparams, GlobalStats], torch.Tensor]
@@ -105,6 +135,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     elementwise: bool | Callable[[Hyperparams], bool] = False
+    fused_last_pass: FusedLastPass | None = None
 
     def is_elementwise(self, params: Hyperparams) -> bool:
         """Whether the engine may split tensors into row chunks for these hyperparameters."""

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field, field_validator
 
 from mergeflow.methods.base import (
+    FusedLastPass,
     GlobalStats,
     Hyperparams,
     Reduce,
@@ -33,10 +34,9 @@ from mergeflow.methods.base import (
 )
 from mergeflow.methods.registry import register
 from mergeflow.methods.ties import (
-    combine,
-    disjoint_aggregate,
-    elected_sign,
-    resolve_zero_signs,
+    majority_sign,
+    merge_elected,
+    merge_elected_provisional,
     scale_per_task,
     sign_count_values,
 )
@@ -125,8 +125,10 @@ MAJORITY_PASS = StatPass(
     summary="DARE drop + rescale instead of the TIES trim, then TIES sign election and disjoint merge",
     stat_passes=(MAJORITY_PASS,),
     elementwise=True,
+    fused_last_pass=FusedLastPass(
+        "dare_ties_majority",
+        lambda g, p, s: merge_elected_provisional(g.base, _dropped(g, p), p.agg, p.lam)),
 )
 def dare_ties(group: TensorGroup, params: DareTiesParams, stats: GlobalStats) -> torch.Tensor:
-    tau = _dropped(group, params)
-    gamma = resolve_zero_signs(elected_sign(tau), stats["dare_ties_majority"])
-    return combine(group.base, disjoint_aggregate(tau, gamma, params.agg), params.lam)
+    return merge_elected(group.base, _dropped(group, params), params.agg, params.lam,
+                         majority_sign(stats["dare_ties_majority"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mergeflow.methods.base import Hyperparams, MergeMethod, StatPass
+from mergeflow.methods.base import FusedLastPass, Hyperparams, MergeMethod, StatPass
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -19,6 +19,7 @@ def register(
     min_models: int = 1,
     max_models: int | None = None,
     elementwise: bool | Callable[[Hyperparams], bool] = False,
+    fused_last_pass: FusedLastPass | None = None,
 ) -> Callable:
     """Decorator: register `fn(group, params, stats) -> Tensor` as merge method `name`."""
 
@@ -35,6 +36,7 @@ def register(
             min_models=min_models,
             max_models=max_models,
             elementwise=elementwise,
+            fused_last_pass=fused_last_pass,
         )
         return fn
 
