@@ -42,6 +42,7 @@ from mergeflow.engine.plan import DEFAULT_CHUNK_ELEMS, MANIFEST_FILE, MergePlan,
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET, PassReduction
 from mergeflow.engine.writer import StreamingCheckpointWriter
 from mergeflow.methods import GlobalStats, StatPass, TensorGroup
+from mergeflow.methods.base import Provisional
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 ASSUMED_BYTES_PER_SECOND = 0.5e9  # per pass over the inputs, a conservative CPU figure
@@ -91,7 +92,7 @@ def merge_checkpoints(
     t0 = time.perf_counter()
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
                       device=device, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or len(os.sched_getaffinity(0))  # every core this process may use
     _return_freed_memory()
     try:
         if progress or dry_run:
@@ -112,7 +113,7 @@ def merge_checkpoints(
 
 def estimate(plan: MergePlan, workers: int) -> str:
     """One paragraph: what will be read and written, how long, how much memory and disk."""
-    passes = 1 + sum(1 for sp in plan.method.stat_passes if sp.reductions(plan.params))
+    passes = 1 + sum(1 for sp in _separate_passes(plan) if sp.reductions(plan.params))
     largest_unit = max((plan.unit_bytes(u) for u in plan.units), default=0)
     per_unit = largest_unit * 4 * 6 // max(1, plan.base.checkpoint.info(plan.units[0].name).dtype.itemsize) if plan.units else 0
     peak = (workers + 2) * per_unit + (128 << 20)
@@ -134,7 +135,7 @@ def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = 
     stats: dict[str, torch.Tensor] = {}
     float_units = [u for u in plan.units if u.name in plan.float_names]
     checked = False
-    for i, stat_pass in enumerate(plan.method.stat_passes):
+    for i, stat_pass in enumerate(_separate_passes(plan)):
         reduction = PassReduction(stat_pass.reductions(plan.params), cap=kth_cap)
         if not reduction.reductions:
             continue
@@ -157,6 +158,12 @@ def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = 
     return stats
 
 
+def _separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:
+    """The StatPasses that need a pass of their own: a fused last pass runs inside the merge."""
+    passes = plan.method.stat_passes
+    return passes[:-1] if plan.method.fused_last_pass is not None else passes
+
+
 def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, stats: GlobalStats,
                  units: list[Unit], workers: int, sample_target: int) -> None:
     """Sample a few rows of every unit to place the k-th value windows (one cheap pass)."""
@@ -164,24 +171,27 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction,
     sources = {h.source for h in reduction.reductions.values() if h.kind == "kth"}
     if total <= reduction.cap:  # small model: keep every value, no sample needed
         empty = {s: torch.zeros(plan.n, 1) for s in sources}
-        reduction.set_windows(empty, 1.0, {s: total for s in sources})
+        reduction.set_windows(empty, {s: total for s in sources})
         return
     fraction = min(1.0, sample_target / max(1, total))
-    sub_units = [_sub_unit(plan, u, fraction) for u in units] if fraction < 1.0 else units
-    sampled = sum(u.elems for u in sub_units)
+    subs = [_sub_unit(plan, u, fraction) for u in units]
+    # each sampled value stands for unit.elems / sub.elems values of the model
+    weight_of = {id(sub): u.elems / max(1, sub.elems) for u, sub in zip(units, subs, strict=True)}
 
-    def work(unit: Unit):
-        values = stat_pass.values(_read_group(plan, unit, check_finite=False), plan.params, stats)
-        return {s: values[s].reshape(values[s].shape[0], -1).to(torch.float32).cpu() for s in sources if s in values}
+    def work(sub: Unit):
+        values = stat_pass.values(_read_group(plan, sub, check_finite=False), plan.params, stats)
+        return {s: (values[s].reshape(values[s].shape[0], -1).to(torch.float32).cpu(), weight_of[id(sub)])
+                for s in sources if s in values}
 
-    collected: dict[str, list[torch.Tensor]] = {s: [] for s in sources}
-    for part in _run_units(plan, sub_units, work, workers, False, "sample"):
-        for s, v in part.items():
-            collected[s].append(v)
-    samples = {s: torch.cat(v, dim=1) for s, v in collected.items() if v}
-    real_fraction = sampled / max(1, total)
-    expected = {s: round(v.shape[1] / real_fraction) for s, v in samples.items()}
-    reduction.set_windows(samples, real_fraction, expected)
+    collected: dict[str, list[tuple[torch.Tensor, float]]] = {s: [] for s in sources}
+    for part in _run_units(plan, subs, work, workers, False, "sample"):
+        for s, vw in part.items():
+            collected[s].append(vw)
+    for s, parts in collected.items():
+        if parts:
+            values = torch.cat([v for v, _ in parts], dim=1)
+            weights = torch.cat([torch.full((v.shape[1],), w, dtype=torch.float64) for v, w in parts])
+            reduction.set_windows({s: values}, {s: round(float(weights.sum()))}, weights)
 
 
 def _sub_unit(plan: MergePlan, unit: Unit, fraction: float) -> Unit:
@@ -206,22 +216,30 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
 
     def shape(name: str) -> tuple[int, ...]:
         return plan.base.checkpoint.info(name).shape
-    first_pass = not any(True for sp in plan.method.stat_passes if sp.reductions(plan.params))
+    first_pass = not any(True for sp in _separate_passes(plan) if sp.reductions(plan.params))
+    fused = plan.method.fused_last_pass
 
-    def work(unit: Unit) -> torch.Tensor:
+    def work(unit: Unit) -> tuple[torch.Tensor, Provisional | None]:
         if unit.name not in plan.float_names:
-            return plan.base.read(unit.name, unit.row_start, unit.row_end)
+            return plan.base.read(unit.name, unit.row_start, unit.row_end), None
         group = _read_group(plan, unit, check_finite=first_pass)
-        merged = plan.method.merge_tensor(group, plan.params, stats)
+        provisional = fused.merge(group, plan.params, stats) if fused else None
+        merged = provisional.merged if provisional else plan.method.merge_tensor(group, plan.params, stats)
         if merged.shape != group.base.shape:
             raise ValueError(f"{plan.method.name} returned shape {list(merged.shape)} for {unit.name}, "
                              f"expected {list(group.base.shape)}")
-        return merged.to(dtype(unit.name)).cpu()
+        if provisional is not None:  # keep only the small parts: the unit's tensor is written now
+            provisional = Provisional(torch.empty(0), provisional.partial.cpu(), provisional.positions,
+                                      provisional.resolve)
+        return merged.to(dtype(unit.name)).cpu(), provisional
 
     digest = hashlib.sha256()
+    stats = dict(stats)
     with StreamingCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes) as writer:
         writer.plan([(k, shape(k), dtype(k)) for k in plan.names])
-        for unit, out in zip(plan.units, _run_units(plan, plan.units, work, workers, progress, "merge"), strict=True):
+        partial_sum, pending = None, []
+        for unit, (out, provisional) in zip(plan.units, _run_units(plan, plan.units, work, workers, progress, "merge"),
+                                            strict=True):
             byte_offset = unit.offset * out.element_size()
             if unit.offset == 0:  # first piece of a tensor: hash_checkpoint's per-tensor header
                 digest.update(json.dumps([unit.name, str(dtype(unit.name)), list(shape(unit.name))]).encode())
@@ -229,7 +247,15 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
                 data = out.contiguous().reshape(-1).view(torch.uint8)
                 digest.update(memoryview(data.numpy()))
                 writer.write(unit.name, byte_offset, out)
+            if provisional is not None:
+                partial_sum = provisional.partial if partial_sum is None else partial_sum + provisional.partial
+                if provisional.positions is not None:
+                    pending.append((unit, provisional))
         output_hash = digest.hexdigest()
+        if fused is not None:
+            stats[fused.stat] = partial_sum
+            if _resolve_pending(writer, pending, partial_sum, dtype):
+                output_hash = _hash_written(writer, plan.names, dtype, shape)
         base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
         copied = copy_side_files(writer, base_dir)
         manifest = _manifest(plan, stats, hashes, output_hash, recipe, copied)
@@ -237,6 +263,36 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
         writer.write_text("README.md", model_card(manifest))
     return MergeResult(out_dir, output_hash, manifest, time.perf_counter() - t0,
                        {k: v.tolist() for k, v in stats.items()})
+
+
+def _resolve_pending(writer: StreamingCheckpointWriter, pending: list[tuple[Unit, Provisional]],
+                     stat: torch.Tensor, dtype: Callable[[str], torch.dtype]) -> bool:
+    """Write the final values of the entries a fused last pass left open; True if any changed."""
+    changed = False
+    for unit, provisional in pending:
+        values = provisional.resolve(stat)
+        if values is None:
+            continue
+        values = values.to(dtype(unit.name)).reshape(-1)
+        positions = provisional.positions.to(torch.int64) + unit.offset
+        # one write per run of consecutive positions
+        breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1
+        bounds = [0, *breaks.tolist(), positions.numel()]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            writer.write(unit.name, int(positions[a]) * values.element_size(), values[a:b])
+        changed = True
+    return changed
+
+
+def _hash_written(writer: StreamingCheckpointWriter, names: list[str], dtype: Callable[[str], torch.dtype],
+                  shape: Callable[[str], tuple[int, ...]]) -> str:
+    """hash_checkpoint's digest of what the writer holds (after entries were rewritten)."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(json.dumps([name, str(dtype(name)), list(shape(name))]).encode())
+        for block in writer.read_blocks(name):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _manifest(plan: MergePlan, stats: GlobalStats, hashes: list[str], output_hash: str,
@@ -335,23 +391,24 @@ def _content_hashes(paths: list[str | Path], allow_pickle: bool) -> list[str]:
 
 
 def _return_freed_memory() -> None:
-    """Make glibc give large freed buffers back to the OS at once (Linux only; else a no-op).
+    """Tune glibc malloc for the engine's many chunk-sized temporaries (Linux only; else a no-op).
 
-    By default glibc raises its mmap threshold after each large free, so the engine's many
-    chunk-sized buffers end up in per-thread arenas that keep their memory: resident memory would
-    grow with the number of threads and chunks instead of staying at the chunks in flight.
-    Two shared arenas and a fixed 4 MiB mmap threshold. The engine's units (DEFAULT_CHUNK_ELEMS)
-    keep float32 temporaries below that threshold, so they are reused from the arenas instead of
-    each being a fresh mapping (a page-fault storm: that cost TIES 2x at 0.5B); the periodic
-    `_trim_freed_memory` bounds the arenas' growth. Measured at 0.5B (base + 3, bf16): task
-    arithmetic 1.25x the I/O floor at 270 MiB, global TIES 8.7x at 676 MiB (bench/bench_engine.py).
+    - A fixed 4 MiB mmap threshold: by default glibc raises it after each large free, and the
+      chunk buffers then live in per-thread arenas that never shrink. Below it, a unit's float32
+      temporaries (DEFAULT_CHUNK_ELEMS) come from the arenas and are reused.
+    - A 256 MiB trim threshold: with the default (128 KiB once the mmap threshold is fixed) every
+      free at the top of the heap hands the pages back, and the next temporary faults them in
+      again: an (n, 256Ki) float32 result cost 1.8 ms instead of 0.1 ms measured here (18x),
+      which made TIES's merge pass 3-4x slower. `_trim_freed_memory` bounds the heap instead.
+    - Two shared arenas, so resident memory does not grow with the number of threads.
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold, m_arena_max = -3, -8
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 4 << 20)
+        libc.mallopt(m_trim_threshold, 256 << 20)
         libc.mallopt(m_arena_max, 2)
     except (OSError, AttributeError):
         pass

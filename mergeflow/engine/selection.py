@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from mergeflow.methods.base import Reduce
@@ -50,6 +51,25 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=1, dtype=dtype).to(torch.int64).cpu()
 
 
+def _window_cpu(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per row: the count of values below lo, and the values in [lo, hi], on the CPU.
+
+    In numpy: its float comparisons are ~8x faster than torch 2.13's CPU kernels that produce
+    bool tensors (0.07 vs 0.6 ns per value measured here), and this is the stat pass's hot loop.
+    `lt ^ le` is "lo <= v <= hi" because v < lo implies v <= hi (lo <= hi).
+    """
+    x = v.to(torch.float32).numpy()
+    lows, highs = lo.to(torch.float32).numpy(), hi.to(torch.float32).numpy()
+    below, kept = [], []
+    for r in range(x.shape[0]):
+        row = x[r]
+        lt = row < lows[min(r, len(lows) - 1)]  # lo and hi have one value per row, or one for all
+        below.append(np.count_nonzero(lt))
+        inside = np.logical_xor(lt, row <= highs[min(r, len(highs) - 1)], out=lt)
+        kept.append(torch.from_numpy(row[inside]))
+    return torch.tensor(below, dtype=torch.int64), kept
+
+
 class KthSelection:
     """State of one exact k-th-smallest reduction across passes."""
 
@@ -70,29 +90,44 @@ class KthSelection:
         self.hist: torch.Tensor | None = None
         self.overflow = False
 
-    def set_window(self, sample: torch.Tensor, sample_fraction: float, expected_d: int) -> None:
-        """Choose [lo, hi] per row from sampled values (rows, s) so the rank falls inside."""
+    def set_window(self, sample: torch.Tensor, expected_d: int, weights: torch.Tensor | None = None) -> None:
+        """Choose [lo, hi] per row from sampled values (rows, s) so the rank falls inside.
+
+        `weights` (s,): how many values of the model each sampled column stands for (the engine
+        samples a few whole rows of every chunk, so small tensors are over-sampled; unweighted,
+        their distribution would bias the estimate and the window would miss). None: equal.
+        """
         if expected_d <= self.cap:  # every value fits: keep them all
             self.mode, self.lo, self.hi = "window", torch.tensor([-math.inf]), torch.tensor([math.inf])
             return
         rows, s = sample.shape
         if s == 0:
             return
+        w = torch.ones(s, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+        effective = float(w.sum() ** 2 / (w * w).sum())  # Kish's effective sample size
         rank = self.how.rank(max(1, expected_d))
         q = min(1.0, max(0.0, rank / max(1, expected_d)))
-        delta = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / s) / s) + 2.0 / s
+        delta = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / effective) / effective) + 2.0 / effective
         if 2 * delta * expected_d > 0.8 * self.cap:
             return  # the window would hold too many values: use radix passes instead
-        ordered = sample.to(torch.float32).sort(dim=1).values
-        lo_i, hi_i = math.floor((q - delta) * s), math.ceil((q + delta) * s)
-        lo = ordered[:, lo_i] if lo_i >= 0 else torch.full((rows,), -math.inf)
-        hi = ordered[:, hi_i] if hi_i < s else torch.full((rows,), math.inf)
+        ordered, order = sample.to(torch.float32).sort(dim=1)
+        cdf = w[order].cumsum(dim=1)
+        cdf /= cdf[:, -1:].clone()
+        lo_i = torch.searchsorted(cdf, torch.full((rows, 1), q - delta, dtype=torch.float64)).squeeze(1)
+        hi_i = torch.searchsorted(cdf, torch.full((rows, 1), q + delta, dtype=torch.float64)).squeeze(1)
+        take = torch.arange(rows)
+        lo = torch.where(lo_i > 0, ordered[take, lo_i.clamp(max=s - 1)], -math.inf) if q - delta > 0 \
+            else torch.full((rows,), -math.inf)
+        hi = ordered[take, hi_i.clamp(max=s - 1)] if q + delta < 1 else torch.full((rows,), math.inf)
+        hi = torch.where(hi_i < s, hi, math.inf)
         self.mode, self.lo, self.hi = "window", lo, hi
 
     # -- per chunk (worker threads) ------------------------------------------------------
     def summarize(self, values: torch.Tensor) -> tuple:
         v = values.reshape(values.shape[0], -1)
         if self.mode == "window":
+            if v.device.type == "cpu":
+                return v.shape[1], *_window_cpu(v, self.lo, self.hi)
             lo, hi = self.lo.to(v.device).unsqueeze(1), self.hi.to(v.device).unsqueeze(1)
             below = _count(v < lo)
             inside = (v >= lo) & (v <= hi)
@@ -192,11 +227,12 @@ class PassReduction:
     def wants_sample(self) -> bool:
         return any(k.mode == "radix" and k.level == 0 for k in self.kth.values()) and self.round == 0
 
-    def set_windows(self, sample: Mapping[str, torch.Tensor], sample_fraction: float, expected_d: Mapping[str, int]) -> None:
+    def set_windows(self, sample: Mapping[str, torch.Tensor], expected_d: Mapping[str, int],
+                    weights: torch.Tensor | None = None) -> None:
         for name, sel in self.kth.items():
             src = self.reductions[name].source
             if src in sample:
-                sel.set_window(sample[src], sample_fraction, expected_d[src])
+                sel.set_window(sample[src], expected_d[src], weights)
 
     def summarize(self, values: Mapping[str, torch.Tensor]) -> dict[str, object]:
         """Per-chunk partial results (runs in worker threads)."""

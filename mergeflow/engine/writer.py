@@ -77,6 +77,12 @@ class StreamingCheckpointWriter(CheckpointWriter):
         while done < len(view):
             done += os.pwrite(fd, view[done:], start + byte_offset + done)
 
+    def read_blocks(self, name: str, block_bytes: int = 64 << 20):
+        """The bytes written so far for tensor `name`, in blocks (to hash the output)."""
+        fd, start, nbytes = self._where[name]
+        for at in range(0, nbytes, block_bytes):
+            yield os.pread(fd, min(block_bytes, nbytes - at), start + at)
+
     def _close(self) -> None:
         for fd in self._fds:
             os.close(fd)
