@@ -7,6 +7,8 @@ subprocess (clean peak RSS, from getrusage in the child) and prints one table:
   ties/global      official TIES (k 0.2, whole-model trim: exact streaming quantiles)
   ties/tensor      mergekit-style per-tensor trim
   dare_ties        p 0.9
+  pcb              PCB-Merging, nlp variant (ratio 0.1, clip 0.01): exact streaming quantiles/min/max
+  pcb/vision_es    PCB-Merging, vision_es variant (ratio 0.05)
 Wall and CPU (user + system) times are measured inside each child around the work (imports
 excluded); ratios are to the floor of the same run. On a shared machine the CPU-time ratio is
 the steadier one. Input content hashes are computed once beforehand (they are cached by
@@ -35,6 +37,8 @@ CASES = {
     "ties/global": ("ties", {"k": 0.2, "lam": 1.0}),
     "ties/tensor": ("ties", {"k": 0.2, "lam": 1.0, "trim_scope": "tensor"}),
     "dare_ties": ("dare_ties", {"p": 0.9, "lam": 1.0, "seed": 0}),
+    "pcb": ("pcb", {"ratio": 0.1, "variant": "nlp", "clip": 0.01, "lam": 1.0}),
+    "pcb/vision_es": ("pcb", {"ratio": 0.05, "variant": "vision_es", "clip": 0.01, "lam": 1.0}),
 }
 
 
@@ -62,7 +66,7 @@ def run_floor(base: Path, models: list[Path], out: Path) -> None:
         list(pool.map(one, names))
 
 
-def child(case: str, root: Path, models: int, out: Path) -> None:
+def child(case: str, root: Path, models: int, out: Path, device: str, workers: int | None) -> None:
     import torch  # noqa: F401  (import before timing)
 
     from mergeflow.engine import merge_checkpoints
@@ -75,7 +79,8 @@ def child(case: str, root: Path, models: int, out: Path) -> None:
         run_floor(base, fts, out)
     else:
         method, hp = CASES[case]
-        merge_checkpoints(method, base, fts, out, hp, progress=False, input_hashes=["-"] * (models + 1))
+        merge_checkpoints(method, base, fts, out, hp, progress=False, input_hashes=["-"] * (models + 1),
+                          device=device, workers=workers)
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime - cpu0
@@ -88,12 +93,14 @@ def main() -> None:
     p.add_argument("--models", type=int, default=3)
     p.add_argument("--root", type=Path, default=None, help="where the checkpoints live (default /tmp/mf_llama_SIZE)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    p.add_argument("--device", default="cpu", help="where the engine does its math (cpu, cuda)")
+    p.add_argument("--workers", type=int, default=None, help="engine threads (default: every usable CPU)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     root = a.root or Path(f"/tmp/mf_llama_{a.size.replace('.', '')}")
     if a.child:
-        child(a.child, root, a.models, a.out)
+        child(a.child, root, a.models, a.out, a.device, a.workers)
         return
     if not (root / f"ft{a.models - 1}").exists():
         subprocess.run([sys.executable, str(HERE / "make_llama.py"), "--size", a.size, "--models",
@@ -103,7 +110,8 @@ def main() -> None:
         out = root.parent / f"{root.name}_out_{case.replace('/', '_')}"
         shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.run([sys.executable, __file__, "--size", a.size, "--models", str(a.models),
-                               "--root", str(root), "--child", case, "--out", str(out)],
+                               "--root", str(root), "--child", case, "--out", str(out),
+                               "--device", a.device, *(["--workers", str(a.workers)] if a.workers else [])],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
@@ -113,7 +121,7 @@ def main() -> None:
     floor = next((r for r in rows if r["case"] == "floor"), None)
     load = os.getloadavg()[0]
     print(f"\nengine benchmark: Llama {a.size}, base + {a.models} fine-tunes (bf16), "
-          f"{os.cpu_count()} CPU(s), load average {load:.1f} at the end")
+          f"{len(os.sched_getaffinity(0))} CPU(s), device {a.device}, load average {load:.1f} at the end")
     print(f"{'case':<18}{'wall s':>9}{'x floor':>9}{'CPU s':>9}{'x floor':>9}{'peak RSS MiB':>14}")
     for r in rows:
         wall_ratio = f"{r['wall_s'] / floor['wall_s']:.2f}" if floor else "-"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SIZED = {"bench_engine.py", "bench_pcb.py"}  # benches of Llama checkpoints: take --size
+SIZED = {"bench_engine.py"}  # benches of Llama checkpoints: take --size
 
 
 def main() -> int:
