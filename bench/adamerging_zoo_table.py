@@ -17,6 +17,9 @@ Diagnostics (why AdaMerging does or does not help on a zoo):
   loss is the cross-entropy with the TRUE test labels. Not a method: an upper bound that shows how
   much the coefficient space can give when the objective is right.
 - `--set KEY=VALUE` overrides any AdaMergingConfig field (JSON values: `clamp_max=null`, `prior=0.2`).
+- `--ta-sweep 0,0.1,...`: along the Task Arithmetic line theta_0 + lam * sum_k tau_k, the summed
+  entropy (AdaMerging's objective, on the evaluation split) next to the normalized accuracy: does
+  the objective's minimum sit where the accuracy peaks?
 """
 
 from __future__ import annotations
@@ -216,10 +219,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scale-invariant-heads", action="store_true",
                     help="tune through ScaleInvariantHead(head) (evaluation keeps the zoo's heads)")
     ap.add_argument("--coefficients-dir", default=None, help="save each variant's coefficients here")
+    ap.add_argument("--ta-sweep", default=None, metavar="LAMS", help="comma list of lambdas (see above)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS and v != ORACLE]
+    unknown = [v for v in filter(None, args.variants.split(",")) if v not in VARIANTS and v != ORACLE]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {[*VARIANTS, ORACLE]}")
     if args.threads:
@@ -248,9 +252,15 @@ def main(argv=None) -> int:
     rows["task_arithmetic(0.3)"] = acc(merge("task_arithmetic", base, experts, lam=0.3))
     rows["ties(k=0.2,mean,lam=1.0)"] = acc(merge("ties", base, experts, k=0.2, lam=1.0, agg="mean"))
     rows["ties(k=0.2,sum,lam=0.3)"] = acc(merge("ties", base, experts, k=0.2, lam=0.3, agg="sum"))
+    if args.ta_sweep:
+        print("Task Arithmetic line: lam, summed entropy (AdaMerging's objective), normalized accuracy (%)")
+        for lam in (float(x) for x in args.ta_sweep.split(",")):
+            m = measure(zoo, merge("task_arithmetic", base, experts, lam=lam), tasks, args.limit, args.device)
+            norm = 100 * sum(m["accuracy"][t] / expert_acc[t] for t in tasks) / len(tasks)
+            print(f"  {lam:4.2f}  {sum(m['entropy'].values()):.3f}  {norm:6.2f}", flush=True)
     traces: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
-    for name in args.variants.split(","):
+    for name in filter(None, args.variants.split(",")):
         mode, plus = VARIANTS.get(name, ("layer_wise", False))
         config = AdaMergingConfig(**{"mode": mode, "ties_filter": plus, "steps": args.steps, "lr": args.lr,
                                      **overrides})
