@@ -216,8 +216,8 @@ def main(argv=None) -> int:
             "naive (load_state_dict)": Naive(encoder, tvs, heads, inputs, config, args.device),
         }
         g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-        same = torch.allclose(variants["ours (fused batches)"].step(g1), variants["naive (load_state_dict)"].step(g2),
-                              rtol=1e-3, atol=1e-6)
+        same = torch.allclose(variants["ours (fused batches)"].step(g1).cpu(),
+                              variants["naive (load_state_dict)"].step(g2).cpu(), rtol=1e-3, atol=1e-6)
         rates = {name: [] for name in variants}
         for _ in range(2):  # interleave rounds so load on the shared machine hits all variants alike
             for name, impl in variants.items():

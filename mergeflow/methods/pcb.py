@@ -106,8 +106,9 @@ def _rows(group: TensorGroup) -> torch.Tensor:
     return group.deltas.reshape(group.n, -1)
 
 
-def _column(stats: GlobalStats, name: str) -> torch.Tensor:
-    return stats[name].to(torch.float32).unsqueeze(1)
+def _column(stats: GlobalStats, name: str, like: torch.Tensor) -> torch.Tensor:
+    """Statistic `name` as a float32 (n, 1) column on `like`'s device."""
+    return stats[name].to(device=like.device, dtype=torch.float32).unsqueeze(1)
 
 
 # Most steps run in place: on a loaded machine a fresh (n, m) float32 result costs up to 25x the
@@ -133,7 +134,7 @@ def clipped_magnitudes(tau: torch.Tensor, stats: GlobalStats) -> torch.Tensor:
 def _scores_from(tau: torch.Tensor, magnitudes: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
     """intra * inter; consumes `magnitudes` (overwritten)."""
     n = tau.shape[0]
-    low, high = _column(stats, CLIP_LOW), _column(stats, CLIP_HIGH)
+    low, high = _column(stats, CLIP_LOW, tau), _column(stats, CLIP_HIGH, tau)
     normalized = magnitudes.sub_(low).div_(high - low)  # (A - min) / (max - min); min, max = lo, hi
     if params.variant == "nlp":
         inter = (tau * sum_over_tasks(tau)).tanh_()
@@ -162,7 +163,7 @@ def clipped_and_scale(
     tau = _rows(group)
     magnitudes = clipped_magnitudes(tau, stats)
     clipped = torch.sign(tau).mul_(magnitudes)
-    cut, top = _column(stats, SCORE_CUT), _column(stats, SCORE_MAX)
+    cut, top = _column(stats, SCORE_CUT, tau), _column(stats, SCORE_MAX, tau)
     scale = clamp_rows_(_scores_from(tau, magnitudes, params, stats), stats[SCORE_CUT], stats[SCORE_MAX])
     scale = scale.sub_(cut).div_(top - cut)
     return clipped, scale
@@ -185,7 +186,7 @@ def weighted_mean(
     if variant == "nlp":
         merged = sum_over_tasks(clipped * scale).div_(denominator).mul_(lam)
     else:
-        merged = sum_over_tasks((clipped * per_task_lams(lam, n)).mul_(scale)).div_(denominator)
+        merged = sum_over_tasks((clipped * per_task_lams(lam, n).to(clipped.device)).mul_(scale)).div_(denominator)
     return merged.reshape(base.shape).add_(base)
 
 
