@@ -9,7 +9,8 @@ import torch
 
 from mergeflow.compatibility import check_compatible, check_finite, is_mergeable, signature_of
 from mergeflow.methods import GlobalStats, MergeMethod, TensorGroup, get_method
-from mergeflow.statistics import reduce_all
+from mergeflow.methods.base import tensor_stat
+from mergeflow.statistics import reduce_all, reduce_rows
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -51,11 +52,17 @@ def global_stats(method: MergeMethod, params, groups_factory) -> GlobalStats:
     groups = list(groups_factory)
     stats: dict[str, torch.Tensor] = {}
     for stat_pass in method.stat_passes:
+        reductions = stat_pass.reductions(params)
+        per_tensor = {k: how for k, how in reductions.items() if how.scope == "tensor"}
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         for g in groups:
-            for source, values in stat_pass.values(g, params, stats).items():
-                collected[source].append(values)
-        stats.update(reduce_all(collected, stat_pass.reductions(params)))
+            values = stat_pass.values(g, params, stats)
+            for source, v in values.items():
+                collected[source].append(v)
+            for k, how in per_tensor.items():
+                v = values[how.source]
+                stats[tensor_stat(k, g.name)] = reduce_rows(v.reshape(v.shape[0], -1), how)
+        stats.update(reduce_all(collected, {k: h for k, h in reductions.items() if k not in per_tensor}))
     return stats
 
 

@@ -14,6 +14,8 @@ def reduce_rows(values: torch.Tensor, how: Reduce) -> torch.Tensor:
     d = values.shape[1]
     if how.kind == "kth":
         rank = how.rank(d)
+        if rank == d + 1:  # above every value
+            return torch.full((values.shape[0],), torch.inf, dtype=values.dtype)
         if not 1 <= rank <= d:
             raise ValueError(f"kth rank {rank} is outside 1..{d}")
         return values.kthvalue(rank, dim=1).values
@@ -30,5 +32,7 @@ def reduce_all(
     collected: Mapping[str, list[torch.Tensor]], reductions: Mapping[str, Reduce]
 ) -> dict[str, torch.Tensor]:
     """Concatenate each source's per-tensor values along dim 1 and reduce them."""
-    rows = {src: torch.cat([v.reshape(v.shape[0], -1) for v in vals], dim=1) for src, vals in collected.items()}
+    needed = {how.source for how in reductions.values()}
+    rows = {src: torch.cat([v.reshape(v.shape[0], -1) for v in vals], dim=1)
+            for src, vals in collected.items() if src in needed}
     return {name: reduce_rows(rows[how.source], how) for name, how in reductions.items()}

@@ -97,6 +97,26 @@ def test_ties_thresholds_exact_in_every_selection_mode(zoo, tmp_path, cap, sampl
     assert len(result.stats["ties_threshold"]) == 3
 
 
+@pytest.mark.parametrize("cap, sample", [(10**6, 10**6), (150, 60), (40, 10**6), (1, 10**6)],
+                         ids=["keep-all", "sampled-window", "radix-collect", "radix-low-bits"])
+@pytest.mark.parametrize("k", [0.3, 0.02])  # 0.02: int(k * numel) = 0 keeps nothing in small tensors
+def test_per_tensor_thresholds_exact_in_row_chunks(zoo, tmp_path, cap, sample, k):
+    # trim_scope="tensor" streams large tensors in row chunks too: its thresholds are per-tensor
+    # statistics, selected exactly in bounded memory like the global ones.
+    hp = {"k": k, "trim_scope": "tensor"}
+    result = merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", hp, progress=False,
+                               chunk_elems=64, kth_cap=cap, kth_sample=sample, input_hashes=["h"] * 4)
+    expected = mergeflow.merge("ties", zoo["base"], zoo["fts"], **hp)
+    got = load_state_dict(tmp_path / "o")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    embed = result.stats["ties_tensor_threshold@embed.weight"]
+    mags = torch.stack([ft["embed.weight"] - zoo["base"]["embed.weight"] for ft in zoo["fts"]]).abs().reshape(3, -1)
+    kept = int(k * mags.shape[1])
+    assert embed == mags.kthvalue(mags.shape[1] - kept + 1, dim=1).values.tolist()
+    if k == 0.02:  # 6 x 5 = 30 entries keep int(0.6) = 0: threshold +inf, the tensor stays at the base
+        assert result.stats["ties_tensor_threshold@dead.weight"] == [float("inf")] * 3
+
+
 def _chunks(values: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(values, sizes, dim=1))
 

@@ -42,11 +42,17 @@ from mergeflow.engine.plan import DEFAULT_CHUNK_ELEMS, MANIFEST_FILE, MergePlan,
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET, PassReduction
 from mergeflow.engine.writer import StreamingCheckpointWriter
 from mergeflow.methods import GlobalStats, StatPass, TensorGroup
-from mergeflow.methods.base import Provisional
+from mergeflow.methods.base import Provisional, tensor_stat
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 ASSUMED_BYTES_PER_SECOND = 0.5e9  # per pass over the inputs, a conservative CPU figure
 TRIM_EVERY_BYTES = 512 << 20  # input bytes between malloc_trim calls (see _trim_freed_memory)
+# Per-tensor k-th values (Reduce scope "tensor"): tensors up to TENSOR_KEEP_ALL values per row keep
+# them all (exact in one pass); larger ones get a window from a TENSOR_SAMPLE-value sample, so the
+# pass keeps a few percent of their values, at most TENSOR_CAP per row.
+TENSOR_CAP = 4 << 20
+TENSOR_KEEP_ALL = 256 << 10
+TENSOR_SAMPLE = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -134,28 +140,59 @@ def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = 
     """Run the method's StatPasses over all float tensors; exact, bounded memory."""
     stats: dict[str, torch.Tensor] = {}
     float_units = [u for u in plan.units if u.name in plan.float_names]
-    checked = False
+    checked = False  # the first pass that reads the inputs also checks them for NaN/inf
     for i, stat_pass in enumerate(_separate_passes(plan)):
-        reduction = PassReduction(stat_pass.reductions(plan.params), cap=kth_cap)
-        if not reduction.reductions:
-            continue
-        if reduction.wants_sample() and plan.elementwise:
-            _set_windows(plan, stat_pass, reduction, stats, float_units, workers, kth_sample)
-        while True:
-            check = not checked
-
-            def work(unit: Unit, check: bool = check, sp: StatPass = stat_pass, red: PassReduction = reduction):
-                group = _read_group(plan, unit, check_finite=check)
-                return red.summarize(sp.values(group, plan.params, stats))
-
-            label = f"stat pass {i + 1}.{reduction.round + 1}"
-            for partial in _run_units(plan, float_units, work, workers, progress, label):
-                reduction.absorb(partial)
+        if stat_pass.reductions(plan.params):
+            stats.update(_run_stat_pass(plan, stat_pass, stats, float_units, check_finite=not checked,
+                                        workers=workers, progress=progress, label=f"stat pass {i + 1}",
+                                        kth_cap=kth_cap, kth_sample=kth_sample))
             checked = True
-            if reduction.finish_round():
-                break
-        stats.update(reduction.results)
     return stats
+
+
+def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, units: list[Unit], *,
+                   check_finite: bool, workers: int, progress: bool, label: str, kth_cap: int,
+                   kth_sample: int) -> dict[str, torch.Tensor]:
+    """One StatPass: its reductions over the whole model, or per tensor (Reduce scope "tensor").
+
+    Usually one read of every unit. A k-th value whose sampled window missed needs more rounds,
+    over the units of the tensors (or the model) still open.
+    """
+    how = stat_pass.reductions(plan.params)
+    scopes = {h.scope for h in how.values()}
+    if len(scopes) > 1:
+        raise ValueError(f"{plan.method.name}: a StatPass mixes model- and tensor-scoped reductions; split it")
+    per_tensor = scopes == {"tensor"}
+
+    def key(unit: Unit) -> str | None:
+        return unit.name if per_tensor else None
+    cap = min(kth_cap, TENSOR_CAP) if per_tensor else kth_cap
+    reductions = {key(u): PassReduction(how, cap=cap) for u in units}
+    for k, reduction in reductions.items():
+        if reduction.wants_sample() and plan.elementwise:
+            if per_tensor:
+                members = [u for u in units if key(u) == k]
+                _set_windows(plan, stat_pass, reduction, stats, members, workers,
+                             min(kth_sample, TENSOR_SAMPLE), keep_all_below=TENSOR_KEEP_ALL)
+            else:
+                _set_windows(plan, stat_pass, reduction, stats, units, workers, kth_sample)
+    results: dict[str, torch.Tensor] = {}
+    todo, round_no = units, 0
+    while todo:
+        def work(unit: Unit, check: bool = check_finite and round_no == 0) -> dict[str, object]:
+            group = _read_group(plan, unit, check_finite=check)
+            return reductions[key(unit)].summarize(stat_pass.values(group, plan.params, stats))
+
+        last = {key(u): u for u in todo}
+        for unit, partial in zip(todo, _run_units(plan, todo, work, workers, progress, f"{label}.{round_no + 1}"),
+                                 strict=True):
+            k = key(unit)
+            reductions[k].absorb(partial)
+            if unit is last[k] and reductions[k].finish_round():  # done: free its kept values
+                done = reductions.pop(k).results
+                results.update({(tensor_stat(name, k) if per_tensor else name): v for name, v in done.items()})
+        todo, round_no = [u for u in todo if key(u) in reductions], round_no + 1
+    return results
 
 
 def _separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:
@@ -165,11 +202,11 @@ def _separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:
 
 
 def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, stats: GlobalStats,
-                 units: list[Unit], workers: int, sample_target: int) -> None:
+                 units: list[Unit], workers: int, sample_target: int, keep_all_below: int | None = None) -> None:
     """Sample a few rows of every unit to place the k-th value windows (one cheap pass)."""
     total = sum(u.elems for u in units)
     sources = {h.source for h in reduction.reductions.values() if h.kind == "kth"}
-    if total <= reduction.cap:  # small model: keep every value, no sample needed
+    if total <= min(reduction.cap, keep_all_below or reduction.cap):  # few values: keep them all
         empty = {s: torch.zeros(plan.n, 1) for s in sources}
         reduction.set_windows(empty, {s: total for s in sources})
         return

@@ -97,9 +97,6 @@ class KthSelection:
         samples a few whole rows of every chunk, so small tensors are over-sampled; unweighted,
         their distribution would bias the estimate and the window would miss). None: equal.
         """
-        if expected_d <= self.cap:  # every value fits: keep them all
-            self.mode, self.lo, self.hi = "window", torch.tensor([-math.inf]), torch.tensor([math.inf])
-            return
         rows, s = sample.shape
         if s == 0:
             return
@@ -151,6 +148,7 @@ class KthSelection:
     def absorb(self, partial: tuple) -> None:
         m, counts, kept = partial
         self.count += m
+        self.rows = len(kept) if kept is not None else counts.shape[0]
         if counts is not None:
             if counts.dim() == 1:  # window: values below lo
                 self.below = counts if self.below is None else self.below + counts
@@ -174,6 +172,9 @@ class KthSelection:
         """Use what this pass gathered; True when the result is known."""
         d = self.count
         rank = self.how.rank(d)
+        if rank == d + 1:  # above every value (see Reduce)
+            self.result = torch.full((self.rows,), math.inf)
+            return True
         if not 1 <= rank <= d:
             raise ValueError(f"kth rank {rank} is outside 1..{d}")
         if self.mode == "window":

@@ -73,13 +73,23 @@ class Reduce:
     """An exact reduction, per row, of the values one StatPass emits under `source`.
 
     kind "kth": the rank(d)-th smallest value (1-based, d = row length over the whole model),
-    as `torch.kthvalue` would give on the flattened row. "min", "max": exact. "sum": only on
-    integer-valued inputs (counted in int64), so it is exact and order-independent.
+    as `torch.kthvalue` would give on the flattened row; a rank of d + 1 means "above every
+    value" and gives +inf. "min", "max": exact. "sum": only on integer-valued inputs (counted in
+    int64), so it is exact and order-independent.
+
+    scope "model" (default): one result over all tensors, stored as stats[name]. scope "tensor":
+    one result per tensor (d = that tensor's row length), stored as stats[tensor_stat(name, t)].
     """
 
     source: str
     kind: Literal["kth", "min", "max", "sum"]
     rank: Callable[[int], int] | None = None
+    scope: Literal["model", "tensor"] = "model"
+
+
+def tensor_stat(name: str, tensor: str) -> str:
+    """The stats key of a per-tensor statistic (Reduce scope "tensor")."""
+    return f"{name}@{tensor}"
 
 
 @dataclass(frozen=True)

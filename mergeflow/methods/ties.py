@@ -7,7 +7,8 @@ For each task vector tau_i (float tensors only, computed in float32):
    As in the official code this keeps int(d * k) + 1 entries when there are no ties.
    `trim_scope="tensor"` (mergekit's per-tensor variant): the same rule inside each tensor with
    int(k * numel) kept (ties at the threshold kept too; int(k * numel) = 0 keeps nothing, where
-   mergekit refuses).
+   mergekit refuses). Its thresholds are per-tensor statistics (Reduce scope "tensor"), so the
+   streaming engine splits large tensors into row chunks for both scopes.
 2. Elect. gamma_j = sign(sum_i trimmed_ij) ("mass"); entries where gamma_j = 0 take the majority
    sign sign(sum_j gamma_j) over the whole model (all float tensors).
 3. Disjoint aggregation over the entries that agree with gamma_j and are non-zero:
@@ -40,6 +41,7 @@ from mergeflow.methods.base import (
     StatPass,
     TensorGroup,
     sum_over_tasks,
+    tensor_stat,
 )
 from mergeflow.methods.registry import register
 
@@ -84,21 +86,6 @@ def trim_global(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     # products, without torch's slow bool and mixed-dtype passes over memory.
     mask = deltas.abs().ge_(thresholds.reshape(shape).to(deltas.dtype))
     return mask.mul_(deltas)
-
-
-def trim_per_tensor(deltas: torch.Tensor, k: float) -> torch.Tensor:
-    """mergekit's per-tensor trim: int(k * numel) kept per task, ties at the threshold kept."""
-    n = deltas.shape[0]
-    flat = deltas.reshape(n, -1)
-    numel = flat.shape[1]
-    kept = int(k * numel)
-    if kept == 0:
-        return torch.zeros_like(deltas)
-    mags = flat.abs()
-    thresholds = mags.kthvalue(numel - kept + 1, dim=1, keepdim=True).values if kept < numel else None
-    if thresholds is None:
-        return deltas.clone()
-    return (flat * (mags >= thresholds).to(flat.dtype)).reshape(deltas.shape)
 
 
 def scale_per_task(trimmed: torch.Tensor, lam: float | list[float]) -> torch.Tensor:
@@ -219,26 +206,33 @@ def combine(base: torch.Tensor, tau_m: torch.Tensor, lam: float | list[float]) -
 
 # ---- the method ----
 
+def tensor_kept_rank(numel: int, k: float) -> int:
+    """mergekit's per-tensor trim: int(k * numel) kept, so the threshold is the
+    (numel - kept + 1)-th smallest |tau|; keeping none is rank numel + 1 (threshold +inf)."""
+    return numel - int(k * numel) + 1
+
+
+def _threshold_stat(params: TiesParams) -> str:
+    return "ties_threshold" if params.trim_scope == "global" else "ties_tensor_threshold"
+
+
 def _trimmed(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> torch.Tensor:
     deltas = group.deltas
-    if params.trim_scope == "global":
-        trimmed = trim_global(deltas, stats["ties_threshold"].to(deltas.device))
-    else:
-        trimmed = trim_per_tensor(deltas, params.k)
-    return scale_per_task(trimmed, params.lam)
+    name = _threshold_stat(params)
+    thresholds = stats[name] if params.trim_scope == "global" else stats[tensor_stat(name, group.name)]
+    return scale_per_task(trim_global(deltas, thresholds.to(deltas.device)), params.lam)
 
 
 def _magnitudes(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
-    if params.trim_scope != "global":
-        return {}
     return {"ties_abs_tau": group.deltas.abs_().reshape(group.n, -1)}  # deltas is a fresh tensor
 
 
 def _thresholds(params: TiesParams) -> dict[str, Reduce]:
-    if params.trim_scope != "global":
-        return {}
     k = params.k
-    return {"ties_threshold": Reduce("ties_abs_tau", "kth", rank=lambda d: kept_rank(d, k))}
+    if params.trim_scope == "global":
+        return {"ties_threshold": Reduce("ties_abs_tau", "kth", rank=lambda d: kept_rank(d, k))}
+    return {"ties_tensor_threshold": Reduce("ties_abs_tau", "kth", rank=lambda d: tensor_kept_rank(d, k),
+                                            scope="tensor")}
 
 
 def _signs(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
@@ -259,7 +253,7 @@ def _ties_provisional(group: TensorGroup, params: TiesParams, stats: GlobalStats
     paper=PAPER,
     summary="trim each task vector to its top-k (whole model), elect signs by mass, disjoint mean",
     stat_passes=(TRIM_PASS, MAJORITY_PASS),
-    elementwise=lambda p: p.trim_scope == "global",
+    elementwise=True,
     fused_last_pass=FusedLastPass("ties_majority", _ties_provisional),
 )
 def ties(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> torch.Tensor:
