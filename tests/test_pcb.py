@@ -279,8 +279,9 @@ def test_any_model_size_matches_official_code_to_the_last_bits():
 # ---- streaming engine == in-memory ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant,dtype", [("nlp", torch.float32), ("vision_es", torch.bfloat16)])
-def test_streaming_engine_matches_in_memory(tmp_path, variant, dtype):
+@pytest.mark.parametrize("variant,dtype,cap", [("nlp", torch.float32, None), ("vision_es", torch.bfloat16, None),
+                                               ("nlp", torch.float32, 200), ("vision", torch.bfloat16, 200)])
+def test_streaming_engine_matches_in_memory(tmp_path, variant, dtype, cap):
     from mergeflow.checkpoint import load_state_dict
     from mergeflow.checkpoint_writer import save_checkpoint
     from mergeflow.engine import merge_checkpoints
@@ -294,8 +295,11 @@ def test_streaming_engine_matches_in_memory(tmp_path, variant, dtype):
         save_checkpoint(sd, tmp_path / f"ft{i}")
     hp = {"ratio": 0.1, "variant": variant, "lam": 1.0 if variant == "nlp" else [0.9, 1.2, 1.0]}
     # chunk_elems = 50 splits the larger tensors into row chunks (the engine's bounded-memory units)
+    # cap 200: the exact selections use sampled windows, and the score pass marks the entries that
+    # can reach the cut, so the merge computes scores only there (`TensorGroup.candidates`)
+    limits = {} if cap is None else {"kth_cap": cap, "kth_sample": 120}
     merge_checkpoints("pcb", tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)], tmp_path / "out",
-                      hp, progress=False, chunk_elems=50, workers=2, input_hashes=["0"] * 4)
+                      hp, progress=False, chunk_elems=50, workers=2, input_hashes=["0"] * 4, **limits)
     streamed = load_state_dict(tmp_path / "out")
     in_memory = merge("pcb", base, finetuned, **hp)
     assert sorted(streamed) == sorted(in_memory)
@@ -326,3 +330,32 @@ def test_recipe_gives_the_in_memory_numbers(tmp_path):
     expected = merge("pcb", base, finetuned, **hp)
     for k in expected:
         assert torch.equal(merged[k], expected[k]), k
+
+
+def test_score_pass_marks_the_entries_that_can_reach_the_cut(tmp_path):
+    from mergeflow.checkpoint_writer import save_checkpoint
+    from mergeflow.engine.plan import plan_merge
+    from mergeflow.engine.run import compute_global_stats
+
+    base, finetuned = random_models(3, 40, shapes={"w": (40, 30)})
+    for i, sd in enumerate([base, *finetuned]):
+        save_checkpoint(sd, tmp_path / f"m{i}")
+    plan = plan_merge("pcb", tmp_path / "m0", [tmp_path / f"m{i}" for i in (1, 2, 3)], {"ratio": 0.1},
+                      chunk_elems=300)
+    stats = compute_global_stats(plan, kth_cap=1000, kth_sample=1000)
+    assert plan.candidates is not None and len(plan.candidates) == 4  # one mark set per row chunk
+    _, scale = clipped_and_scale(TensorGroup("w", base["w"], torch.stack([f["w"] for f in finetuned])),
+                                 get_method("pcb").params(ratio=0.1), stats)
+    import numpy as np
+    marked = np.concatenate([np.unpackbits(plan.candidates[("w", off)], count=300) for off in (0, 300, 600, 900)])
+    kept = (scale.reshape(3, -1) > 0).any(dim=0).numpy()
+    assert marked[kept].all()  # every entry with a non-zero scale was marked ...
+    assert marked.mean() < 0.6  # ... and a superset smaller than the model (ratio 0.1 per task)
+    # and the merge that computed scores only on the marked entries equals the in-memory one
+    from mergeflow.checkpoint import load_state_dict
+    from mergeflow.engine import merge_checkpoints
+
+    merge_checkpoints("pcb", tmp_path / "m0", [tmp_path / f"m{i}" for i in (1, 2, 3)], tmp_path / "out",
+                      {"ratio": 0.1}, progress=False, chunk_elems=300, kth_cap=1000, kth_sample=1000,
+                      input_hashes=["0"] * 4)
+    assert torch.equal(load_state_dict(tmp_path / "out")["w"], merge("pcb", base, finetuned, ratio=0.1)["w"])

@@ -56,6 +56,8 @@ class MergePlan:
     input_bytes: int = 0
     output_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    # (tensor, offset) -> packed bits of the unit's entries a stat pass marked (Reduce.marks_candidates)
+    candidates: dict[tuple[str, int], object] | None = None
 
     @property
     def n(self) -> int:

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mergeflow.compatibility import check_finite
@@ -189,8 +190,12 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
             k = key(unit)
             reductions[k].absorb(partial)
             if unit is last[k] and reductions[k].finish_round():  # done: free its kept values
-                done = reductions.pop(k).results
-                results.update({(tensor_stat(name, k) if per_tensor else name): v for name, v in done.items()})
+                finished = reductions.pop(k)
+                results.update({(tensor_stat(name, k) if per_tensor else name): v
+                                for name, v in finished.results.items()})
+                marks = None if per_tensor else finished.candidate_marks()
+                if marks is not None and len(marks) == len(units):
+                    plan.candidates = {(u.name, u.offset): m for u, m in zip(units, marks, strict=True)}
         todo, round_no = [u for u in todo if key(u) in reductions], round_no + 1
     return results
 
@@ -367,7 +372,15 @@ def _read_group(plan: MergePlan, unit: Unit, *, check_finite: bool) -> TensorGro
     base, models = full[0].reshape(shape), full[1:].reshape((plan.n, *shape))
     if check_finite:
         _check_finite(plan, unit, base, models)
-    return TensorGroup(unit.name, base, models, unit.offset)
+    return TensorGroup(unit.name, base, models, unit.offset, _candidates(plan, unit))
+
+
+def _candidates(plan: MergePlan, unit: Unit) -> torch.Tensor | None:
+    """The unit's entries marked by a stat pass (Reduce.marks_candidates), as flat indices."""
+    bits = plan.candidates.get((unit.name, unit.offset)) if plan.candidates else None
+    if bits is None:
+        return None
+    return torch.from_numpy(np.flatnonzero(np.unpackbits(bits, count=unit.elems))).to(plan.device)
 
 
 def _check_finite(plan: MergePlan, unit: Unit, base: torch.Tensor, models: torch.Tensor) -> None:

@@ -51,8 +51,10 @@ def _count(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(dim=1, dtype=dtype).to(torch.int64).cpu()
 
 
-def _window_cpu(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Per row: the count of values below lo, and the values in [lo, hi], on the CPU.
+def _window_cpu(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                mark: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], np.ndarray | None]:
+    """Per row: the count of values below lo, and the values in [lo, hi], on the CPU; with
+    `mark`, also the packed bits of the columns where some row reaches lo.
 
     In numpy: its float comparisons are ~8x faster than torch 2.13's CPU kernels that produce
     bool tensors (0.07 vs 0.6 ns per value measured here), and this is the stat pass's hot loop.
@@ -60,14 +62,16 @@ def _window_cpu(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[to
     """
     x = v.to(torch.float32).numpy()
     lows, highs = lo.to(torch.float32).numpy(), hi.to(torch.float32).numpy()
-    below, kept = [], []
+    below, kept, reach = [], [], None
     for r in range(x.shape[0]):
         row = x[r]
         lt = row < lows[min(r, len(lows) - 1)]  # lo and hi have one value per row, or one for all
         below.append(np.count_nonzero(lt))
+        if mark:
+            reach = ~lt if reach is None else np.logical_or(reach, ~lt, out=reach)
         inside = np.logical_xor(lt, row <= highs[min(r, len(highs) - 1)], out=lt)
         kept.append(torch.from_numpy(row[inside]))
-    return torch.tensor(below, dtype=torch.int64), kept
+    return torch.tensor(below, dtype=torch.int64), kept, (np.packbits(reach) if mark else None)
 
 
 class KthSelection:
@@ -89,6 +93,12 @@ class KthSelection:
         self.kept_n: torch.Tensor | None = None
         self.hist: torch.Tensor | None = None
         self.overflow = False
+        self.marks: list[np.ndarray] = []  # per absorbed chunk, see Reduce.marks_candidates
+
+    @property
+    def marking(self) -> bool:
+        """Whether chunks record the entries that can reach the result (a window with a finite low end)."""
+        return self.how.marks_candidates and self.mode == "window" and bool(torch.isfinite(self.lo).all())
 
     def set_window(self, sample: torch.Tensor, expected_d: int, weights: torch.Tensor | None = None) -> None:
         """Choose [lo, hi] per row from sampled values (rows, s) so the rank falls inside.
@@ -124,30 +134,34 @@ class KthSelection:
         v = values.reshape(values.shape[0], -1)
         if self.mode == "window":
             if v.device.type == "cpu":
-                return v.shape[1], *_window_cpu(v, self.lo, self.hi)
+                below, kept, reach = _window_cpu(v, self.lo, self.hi, mark=self.marking)
+                return v.shape[1], below, kept, reach
             lo, hi = self.lo.to(v.device).unsqueeze(1), self.hi.to(v.device).unsqueeze(1)
             below = _count(v < lo)
             inside = (v >= lo) & (v <= hi)
             kept = [v[r][inside[r]].to(torch.float32).cpu() for r in range(v.shape[0])]
-            return v.shape[1], below, kept
+            reach = np.packbits((v >= lo).any(dim=0).cpu().numpy()) if self.marking else None
+            return v.shape[1], below, kept, reach
         keys = order_keys(v)
         if self.level == 0:
             top = (keys >> 16) + 32768
             hist = torch.stack([torch.bincount(top[r].to(torch.int64), minlength=65536) for r in range(v.shape[0])])
-            return v.shape[1], hist.cpu(), None
+            return v.shape[1], hist.cpu(), None, None
         prefix = self.prefix.to(keys.device).unsqueeze(1)
         match = ((keys >> 16) + 32768) == prefix
         if self.level == 1:
             kept = [v[r][match[r]].to(torch.float32).cpu() for r in range(v.shape[0])]
-            return v.shape[1], None, kept
+            return v.shape[1], None, kept, None
         low = keys & 0xFFFF
         hist = torch.stack([torch.bincount(low[r][match[r]].to(torch.int64), minlength=65536) for r in range(v.shape[0])])
-        return v.shape[1], hist.cpu(), None
+        return v.shape[1], hist.cpu(), None, None
 
     # -- per chunk, in order (main thread) --------------------------------------------------
     def absorb(self, partial: tuple) -> None:
-        m, counts, kept = partial
+        m, counts, kept, reach = partial
         self.count += m
+        if self.marking:
+            self.marks.append(reach)
         self.rows = len(kept) if kept is not None else counts.shape[0]
         if counts is not None:
             if counts.dim() == 1:  # window: values below lo
@@ -224,6 +238,14 @@ class PassReduction:
 
     def pending(self) -> list[str]:
         return [n for n in self.reductions if n not in self.results]
+
+    def candidate_marks(self) -> list[np.ndarray] | None:
+        """Per chunk (in absorb order), packed bits of the entries that can reach a finished k-th
+        value declared with `marks_candidates`; None when no such value was found by a window."""
+        for sel in self.kth.values():
+            if sel.how.marks_candidates and sel.result is not None and sel.marks:
+                return sel.marks
+        return None
 
     def wants_sample(self) -> bool:
         return any(k.mode == "radix" and k.level == 0 for k in self.kth.values()) and self.round == 0

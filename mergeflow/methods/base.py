@@ -43,12 +43,15 @@ class TensorGroup:
     `offset`: where this group starts in the flattened full tensor (the streaming engine passes
     row chunks of large tensors to elementwise methods; 0 for a whole tensor). Only methods
     whose result depends on an entry's position (DARE's random masks) need it.
+    `candidates`: flat indices of the only entries whose result can differ from the one a method
+    declared for the others (Reduce.marks_candidates); None means every entry.
     """
 
     name: str
     base: torch.Tensor
     models: torch.Tensor
     offset: int = 0
+    candidates: torch.Tensor | None = None  # see Reduce.marks_candidates; None: every entry
 
     @property
     def n(self) -> int:
@@ -85,6 +88,10 @@ class Reduce:
     kind: Literal["kth", "min", "max", "sum"]
     rank: Callable[[int], int] | None = None
     scope: Literal["model", "tensor"] = "model"
+    # kth only: the merge ignores entries whose values (in every row) are below the result, so
+    # the streaming engine may record which entries can reach it and pass them to merge_tensor
+    # as `TensorGroup.candidates` (PCB computes its costly scores only there).
+    marks_candidates: bool = False
 
 
 def tensor_stat(name: str, tensor: str) -> str:

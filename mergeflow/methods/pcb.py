@@ -158,15 +158,27 @@ def clipped_and_scale(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(T_c, scale), both (n, m): the clipped task vectors and their kept, normalised weights.
 
-    They do not depend on lam, so a coefficient search computes them once.
+    They do not depend on lam, so a coefficient search computes them once. With
+    `group.candidates` (from the streaming engine: the entries where some task's score can reach
+    its cut) the costly scores are computed there only; every other entry has scale +0.0, as the
+    full formula gives for a score below the cut.
     """
     tau = _rows(group)
     magnitudes = clipped_magnitudes(tau, stats)
     clipped = torch.sign(tau).mul_(magnitudes)
+    if group.candidates is None:
+        return clipped, _scale(tau, magnitudes, params, stats)
+    idx = group.candidates
+    scale = torch.zeros_like(tau)
+    scale[:, idx] = _scale(tau[:, idx], magnitudes[:, idx], params, stats)
+    return clipped, scale
+
+
+def _scale(tau: torch.Tensor, magnitudes: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
+    """(clamp(score, cut, max) - cut) / (max - cut); consumes `magnitudes`."""
     cut, top = _column(stats, SCORE_CUT, tau), _column(stats, SCORE_MAX, tau)
     scale = clamp_rows_(_scores_from(tau, magnitudes, params, stats), stats[SCORE_CUT], stats[SCORE_MAX])
-    scale = scale.sub_(cut).div_(top - cut)
-    return clipped, scale
+    return scale.sub_(cut).div_(top - cut)
 
 
 def per_task_lams(lam: float | list[float], n: int) -> torch.Tensor:
@@ -218,7 +230,7 @@ def _score_values(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> 
 
 def _score_reductions(params: PcbParams) -> dict[str, Reduce]:
     return {
-        SCORE_CUT: Reduce("pcb_score", "kth", lambda d: score_cut_rank(d, params.ratio)),
+        SCORE_CUT: Reduce("pcb_score", "kth", lambda d: score_cut_rank(d, params.ratio), marks_candidates=True),
         SCORE_MAX: Reduce("pcb_score", "max"),
     }
 
