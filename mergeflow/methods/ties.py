@@ -114,11 +114,10 @@ def resolve_zero_signs(gamma: torch.Tensor, majority: torch.Tensor) -> torch.Ten
     return gamma.masked_fill_(gamma == 0, majority_sign)
 
 
-def _signs_with_zeros_as(total: torch.Tensor, zero_sign: float) -> torch.Tensor:
-    """sign(total), with zero_sign where total is exactly 0 (float ops only: see below)."""
-    gamma = total.sign()
-    zero = gamma.abs().neg_().add_(1.0)  # 1.0 where total == 0, else 0.0
-    return zero.mul_(zero_sign).add_(gamma)
+def _signs_and_zeros(trimmed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma = sign(sum_i T_i), and 1.0 where that sum is exactly 0 (else 0.0)."""
+    gamma = sum_over_tasks(trimmed).sign_()
+    return gamma, gamma.abs().neg_().add_(1.0)
 
 
 def elect_and_aggregate(trimmed: torch.Tensor, agg: str, majority_sign: float) -> torch.Tensor:
@@ -132,19 +131,23 @@ def elect_and_aggregate(trimmed: torch.Tensor, agg: str, majority_sign: float) -
     negating a rounded sum are exact). Only float ops: torch's CPU kernels are 5-10x slower on
     bool masks (compare, where, masked_fill) than on float arithmetic.
     """
-    return _aggregate(trimmed, sum_over_tasks(trimmed), agg, majority_sign)
+    gamma, zero = _signs_and_zeros(trimmed)
+    return _aggregate(trimmed, gamma, zero, agg, majority_sign)
 
 
-def _aggregate(trimmed: torch.Tensor, total: torch.Tensor, agg: str, majority_sign: float) -> torch.Tensor:
-    vote = _signs_with_zeros_as(total, majority_sign if majority_sign != 0 else -1.0)
+def _aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, zero: torch.Tensor, agg: str,
+               majority_sign: float) -> torch.Tensor:
+    # gamma + s * zero: the elected sign with exact zeros voting s (small integers: exact)
+    vote = torch.add(gamma, zero, alpha=majority_sign if majority_sign != 0 else -1.0)
     agreeing = (trimmed * vote).clamp_min_(0.0)
     if agg == "mean":
-        count = sum_over_tasks(agreeing.sign())  # agreeing entries are non-zero by construction
-        return sum_over_tasks(agreeing).div_(count.clamp_(min=1.0)).mul_(vote)
+        total = sum_over_tasks(agreeing)
+        count = sum_over_tasks(agreeing.sign_())  # agreeing entries are non-zero by construction
+        return total.div_(count.clamp_(min=1.0)).mul_(vote)
     if agg == "sum":
         return sum_over_tasks(agreeing).mul_(vote)
     if agg == "max":  # the largest agreeing magnitude times gamma (0 stays 0 if the majority is 0)
-        return agreeing.amax(dim=0).mul_(_signs_with_zeros_as(total, majority_sign))
+        return agreeing.amax(dim=0).mul_(torch.add(gamma, zero, alpha=majority_sign))
     raise ValueError(f"unknown agg {agg!r}; use mean, sum or max")
 
 
@@ -176,12 +179,13 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
     and of 0, and `resolve` picks the right ones (None for +1: the provisional values stand).
     """
     n = trimmed.shape[0]
-    total = sum_over_tasks(trimmed)
-    tau = _aggregate(trimmed, total, agg, 1.0)
-    gamma = total.sign_()
+    gamma, zero = _signs_and_zeros(trimmed)
+    tau = _aggregate(trimmed, gamma, zero, agg, 1.0)
     partial = gamma.sum(dtype=torch.float64).to(torch.int64).reshape(1)
-    flag = gamma.abs_().neg_().add_(1.0).mul_(tau)  # non-zero only where sum is 0 and tau is not
-    ambiguous = float(flag.abs_().sum()) != 0.0
+    # Non-zero only where the sum is 0 and tau is not; there tau >= 0 (a vote of +1), so a
+    # positive sum means some entry is ambiguous.
+    flag = zero.mul_(tau)
+    ambiguous = float(flag.sum()) > 0.0
     merged = combine(base, tau, lam)
     if not ambiguous:
         return Provisional(merged, partial)
