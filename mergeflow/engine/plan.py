@@ -19,10 +19,10 @@ from mergeflow.compatibility import IncompatibleCheckpoints, check_compatible, i
 from mergeflow.engine.reader import TensorSource
 from mergeflow.methods import Hyperparams, MergeMethod, get_method
 
-# Entries per model in one unit of work. 256 Ki keeps a unit's float32 temporaries (1 MiB a row)
-# below the 4 MiB mmap threshold set in run.py, so they come from malloc's arenas instead of fresh
-# mappings (page faults): at 0.5B (base + 3, bf16) TIES/global went from 59 s to ~40 s wall and
-# task arithmetic from ~9 s to ~6 s against 1 Mi entries (measured in one session, same machine).
+# Entries per model in one unit of work. A unit's float32 copy of the inputs is then 1 MiB a row,
+# below the 32 MiB mmap threshold set in run.py, so temporaries are reused from malloc's arenas.
+# At 0.5B (base + 3, bf16) TIES/global took 16-17 s for 256 Ki to 1 Mi entries and 27 s at
+# 128 Ki, 54 s at 64 Ki (Python overhead per unit; measured in one session on a 2-CPU machine).
 DEFAULT_CHUNK_ELEMS = 1 << 18
 MANIFEST_FILE = "mergeflow_manifest.json"
 
