@@ -295,7 +295,7 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
                     pending.append((unit, provisional))
         output_hash = digest.hexdigest()
         if fused is not None:
-            stats[fused.stat] = partial_sum
+            stats[fused.stat] = partial_sum if partial_sum is not None else torch.zeros(1, dtype=torch.int64)
             if _resolve_pending(writer, pending, partial_sum, dtype):
                 output_hash = _hash_written(writer, plan.names, dtype, shape)
         base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
