@@ -99,7 +99,7 @@ def merge_checkpoints(
     t0 = time.perf_counter()
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
                       device=device, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
-    workers = workers or len(os.sched_getaffinity(0))  # every core this process may use
+    workers = workers or _usable_cpus()
     _return_freed_memory()
     try:
         if progress or dry_run:
@@ -116,6 +116,12 @@ def merge_checkpoints(
     finally:
         plan.close()
     return result
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS reports one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
 
 
 def estimate(plan: MergePlan, workers: int) -> str:
