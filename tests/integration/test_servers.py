@@ -37,7 +37,12 @@ def prefect_cli(servers: Servers, *args: str, timeout: float = 120) -> str:
 
 
 def api(servers: Servers, method: str, path: str, body: dict | None = None) -> object:
-    r = httpx.request(method, f"{servers.prefect_api}{path}", json=body, timeout=30)
+    # A loaded server on SQLite answers 503 when its database is busy: that is worth a retry.
+    for _ in range(10):
+        r = httpx.request(method, f"{servers.prefect_api}{path}", json=body, timeout=30)
+        if r.status_code != 503:
+            break
+        time.sleep(2)
     assert r.is_success, f"{method} {path}: {r.status_code} {r.text}"
     return r.json()
 
