@@ -173,16 +173,16 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
 
     def key(unit: Unit) -> str | None:
         return unit.name if per_tensor else None
+    members: dict[str | None, list[Unit]] = {}
+    for u in units:
+        members.setdefault(key(u), []).append(u)
     cap = min(kth_cap, TENSOR_CAP) if per_tensor else kth_cap
-    reductions = {key(u): PassReduction(how, cap=cap) for u in units}
+    reductions = {k: PassReduction(how, cap=cap) for k in members}
     for k, reduction in reductions.items():
         if reduction.wants_sample() and plan.elementwise:
-            if per_tensor:
-                members = [u for u in units if key(u) == k]
-                _set_windows(plan, stat_pass, reduction, stats, members, workers,
-                             min(kth_sample, TENSOR_SAMPLE), keep_all_below=TENSOR_KEEP_ALL)
-            else:
-                _set_windows(plan, stat_pass, reduction, stats, units, workers, kth_sample)
+            _set_windows(plan, stat_pass, reduction, stats, members[k], workers,
+                         min(kth_sample, TENSOR_SAMPLE) if per_tensor else kth_sample,
+                         keep_all_below=TENSOR_KEEP_ALL if per_tensor else None)
     results: dict[str, torch.Tensor] = {}
     todo, round_no = units, 0
     while todo:
