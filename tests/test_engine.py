@@ -287,3 +287,17 @@ def test_fused_majority_pass_resolves_exact_cancellations(tmp_path, majority, me
         assert torch.allclose(got["cancel"], base["cancel"] + lam * picked)
     else:  # max with a majority of 0: gamma stays 0, the entry stays at the base
         assert torch.equal(got["cancel"], base["cancel"])
+
+
+@pytest.mark.parametrize("method, hp", [("ties", {"k": 0.2}), ("ties", {"k": 0.2, "trim_scope": "tensor"}),
+                                        ("pcb", {"ratio": 0.1}), ("dare_ties", {"p": 0.5})])
+def test_empty_and_scalar_tensors_stream_like_in_memory(tmp_path, method, hp):
+    # A (0, 4) tensor and a scalar next to a chunked one, with sampled windows (small cap).
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(30, 8, generator=g), "empty": torch.zeros(0, 4), "s": torch.tensor(1.5)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    dirs = [_write(sd, tmp_path / f"m{i}", config=None) for i, sd in enumerate([base, *fts])]
+    merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "out", hp, progress=False, chunk_elems=16,
+                      kth_cap=50, kth_sample=40)
+    got, expected = load_state_dict(tmp_path / "out"), mergeflow.merge(method, base, fts, **hp)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -244,7 +244,7 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction,
 
 def _sub_unit(plan: MergePlan, unit: Unit, fraction: float) -> Unit:
     shape = plan.base.checkpoint.info(unit.name).shape
-    if not shape:
+    if not shape or unit.elems == 0:  # a scalar, or a tensor with no entries: take it whole
         return unit
     start = unit.row_start or 0
     end = unit.row_end if unit.row_end is not None else shape[0]
