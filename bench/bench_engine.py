@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=None, help="where the checkpoints live (default /tmp/mf_llama_SIZE)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     p.add_argument("--device", default="cpu", help="where the engine does its math (cpu, cuda)")
-    p.add_argument("--workers", type=int, default=None, help="engine threads (default: every usable CPU)")
+    p.add_argument("--workers", type=int, default=None, help="engine threads (default: the engine's, min(4, usable CPUs))")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
