@@ -334,8 +334,8 @@ def test_recipe_gives_the_in_memory_numbers(tmp_path):
 
 def test_score_pass_marks_the_entries_that_can_reach_the_cut(tmp_path):
     from mergeflow.checkpoint_writer import save_checkpoint
+    from mergeflow.engine import compute_global_stats
     from mergeflow.engine.plan import plan_merge
-    from mergeflow.engine.run import compute_global_stats
 
     base, finetuned = random_models(3, 40, shapes={"w": (40, 30)})
     for i, sd in enumerate([base, *finetuned]):

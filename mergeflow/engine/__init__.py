@@ -4,12 +4,14 @@
     result = merge_checkpoints("ties", base_dir, [ft_dir_1, ft_dir_2], out_dir,
                                {"k": 0.2, "lam": 1.0}, device="cpu")
 
-See `run.py` for the order of work, `selection.py` for the exact streaming order statistics.
+See `run.py` for the order of work, `stat_passes.py` and `selection.py` for the exact streaming
+statistics, `units.py` for reading and scheduling units, `memory.py` for the malloc settings.
 """
 
 from mergeflow.compatibility import NonFiniteInput  # shared with the in-memory merge
 from mergeflow.engine.plan import MergeConfigError, MergePlan, plan_merge
-from mergeflow.engine.run import MergeResult, compute_global_stats, merge_checkpoints
+from mergeflow.engine.run import MergeResult, merge_checkpoints
+from mergeflow.engine.stat_passes import compute_global_stats
 
 __all__ = ["MergeConfigError", "MergePlan", "MergeResult", "NonFiniteInput", "compute_global_stats",
            "merge_checkpoints", "plan_merge"]

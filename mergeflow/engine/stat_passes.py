@@ -1,0 +1,136 @@
+"""The method's StatPasses over every float tensor: exact global (or per-tensor) statistics.
+
+Each pass reads every unit once in the usual case. A k-th value first gets a window from a
+small weighted sample (`_set_windows`); the pass then counts the values below the window and
+keeps those inside it, which fixes the k-th value exactly (see selection.py). A window that
+missed costs more rounds, over the units still open. The first pass also checks the inputs for
+NaN/inf. A method's fused last pass (TIES's majority sign) is not run here but inside the merge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergeflow.engine.plan import MergePlan, Unit
+from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET, PassReduction
+from mergeflow.engine.units import read_group, run_units
+from mergeflow.methods import GlobalStats, StatPass
+from mergeflow.methods.base import tensor_stat
+
+# Per-tensor k-th values (Reduce scope "tensor"): tensors up to TENSOR_KEEP_ALL values per row keep
+# them all (exact in one pass); larger ones get a window from a TENSOR_SAMPLE-value sample, so the
+# pass keeps a few percent of their values, at most TENSOR_CAP per row.
+TENSOR_CAP = 4 << 20
+TENSOR_KEEP_ALL = 256 << 10
+TENSOR_SAMPLE = 64 << 10
+
+
+def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = False,
+                         kth_cap: int = DEFAULT_CAP, kth_sample: int = SAMPLE_TARGET) -> dict[str, torch.Tensor]:
+    """Run the method's StatPasses over all float tensors; exact, bounded memory."""
+    stats: dict[str, torch.Tensor] = {}
+    float_units = [u for u in plan.units if u.name in plan.float_names]
+    checked = False  # the first pass that reads the inputs also checks them for NaN/inf
+    for i, stat_pass in enumerate(separate_passes(plan)):
+        if stat_pass.reductions(plan.params):
+            stats.update(_run_stat_pass(plan, stat_pass, stats, float_units, check_finite=not checked,
+                                        workers=workers, progress=progress, label=f"stat pass {i + 1}",
+                                        kth_cap=kth_cap, kth_sample=kth_sample))
+            checked = True
+    return stats
+
+
+def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, units: list[Unit], *,
+                   check_finite: bool, workers: int, progress: bool, label: str, kth_cap: int,
+                   kth_sample: int) -> dict[str, torch.Tensor]:
+    """One StatPass: its reductions over the whole model, or per tensor (Reduce scope "tensor").
+
+    Usually one read of every unit. A k-th value whose sampled window missed needs more rounds,
+    over the units of the tensors (or the model) still open.
+    """
+    how = stat_pass.reductions(plan.params)
+    scopes = {h.scope for h in how.values()}
+    if len(scopes) > 1:
+        raise ValueError(f"{plan.method.name}: a StatPass mixes model- and tensor-scoped reductions; split it")
+    per_tensor = scopes == {"tensor"}
+
+    def key(unit: Unit) -> str | None:
+        return unit.name if per_tensor else None
+    members: dict[str | None, list[Unit]] = {}
+    for u in units:
+        members.setdefault(key(u), []).append(u)
+    cap = min(kth_cap, TENSOR_CAP) if per_tensor else kth_cap
+    reductions = {k: PassReduction(how, cap=cap) for k in members}
+    for k, reduction in reductions.items():
+        if reduction.wants_sample() and plan.elementwise:
+            _set_windows(plan, stat_pass, reduction, stats, members[k], workers,
+                         min(kth_sample, TENSOR_SAMPLE) if per_tensor else kth_sample,
+                         keep_all_below=TENSOR_KEEP_ALL if per_tensor else None)
+    results: dict[str, torch.Tensor] = {}
+    todo, round_no = units, 0
+    while todo:
+        def work(unit: Unit, check: bool = check_finite and round_no == 0) -> dict[str, object]:
+            group = read_group(plan, unit, check_finite=check)
+            return reductions[key(unit)].summarize(stat_pass.values(group, plan.params, stats))
+
+        last = {key(u): u for u in todo}
+        for unit, partial in zip(todo, run_units(plan, todo, work, workers, progress, f"{label}.{round_no + 1}"),
+                                 strict=True):
+            k = key(unit)
+            reductions[k].absorb(partial)
+            if unit is last[k] and reductions[k].finish_round():  # done: free its kept values
+                finished = reductions.pop(k)
+                results.update({(tensor_stat(name, k) if per_tensor else name): v
+                                for name, v in finished.results.items()})
+                marks = None if per_tensor else finished.candidate_marks()
+                if marks is not None and len(marks) == len(units):
+                    plan.candidates = {(u.name, u.offset): m for u, m in zip(units, marks, strict=True)}
+        todo, round_no = [u for u in todo if key(u) in reductions], round_no + 1
+    return results
+
+
+def separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:
+    """The StatPasses that need a pass of their own: a fused last pass runs inside the merge."""
+    passes = plan.method.stat_passes
+    return passes[:-1] if plan.method.fused_last_pass is not None else passes
+
+
+def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, stats: GlobalStats,
+                 units: list[Unit], workers: int, sample_target: int, keep_all_below: int | None = None) -> None:
+    """Sample a few rows of every unit to place the k-th value windows (one cheap pass)."""
+    total = sum(u.elems for u in units)
+    sources = {h.source for h in reduction.reductions.values() if h.kind == "kth"}
+    if total <= min(reduction.cap, keep_all_below or reduction.cap):  # few values: keep them all
+        empty = {s: torch.zeros(plan.n, 1) for s in sources}
+        reduction.set_windows(empty, {s: total for s in sources})
+        return
+    fraction = min(1.0, sample_target / max(1, total))
+    subs = [_sub_unit(plan, u, fraction) for u in units]
+    # each sampled value stands for unit.elems / sub.elems values of the model
+    weight_of = {id(sub): u.elems / max(1, sub.elems) for u, sub in zip(units, subs, strict=True)}
+
+    def work(sub: Unit):
+        values = stat_pass.values(read_group(plan, sub, check_finite=False), plan.params, stats)
+        return {s: (values[s].reshape(values[s].shape[0], -1).to(torch.float32).cpu(), weight_of[id(sub)])
+                for s in sources if s in values}
+
+    collected: dict[str, list[tuple[torch.Tensor, float]]] = {s: [] for s in sources}
+    for part in run_units(plan, subs, work, workers, False, "sample"):
+        for s, vw in part.items():
+            collected[s].append(vw)
+    for s, parts in collected.items():
+        if parts:
+            values = torch.cat([v for v, _ in parts], dim=1)
+            weights = torch.cat([torch.full((v.shape[1],), w, dtype=torch.float64) for v, w in parts])
+            reduction.set_windows({s: values}, {s: round(float(weights.sum()))}, weights)
+
+
+def _sub_unit(plan: MergePlan, unit: Unit, fraction: float) -> Unit:
+    shape = plan.base.checkpoint.info(unit.name).shape
+    if not shape or unit.elems == 0:  # a scalar, or a tensor with no entries: take it whole
+        return unit
+    start = unit.row_start or 0
+    end = unit.row_end if unit.row_end is not None else shape[0]
+    take = max(1, round((end - start) * fraction))
+    row = unit.elems // max(1, end - start)
+    return Unit(unit.name, start, start + take, take * row, unit.offset)

@@ -1,0 +1,110 @@
+"""Reading a unit of work (one tensor, or a row chunk of one, across all models) and running
+units on a thread pool.
+
+`run_units` keeps a bounded number of units in flight and yields their results in unit order,
+so whatever is folded from them never depends on scheduling. Reads (positioned, GIL released),
+the torch math and the writes of different units overlap.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from mergeflow.compatibility import check_finite
+from mergeflow.engine.memory import TRIM_EVERY_BYTES, trim_malloc
+from mergeflow.engine.plan import MergePlan, Unit
+from mergeflow.methods import TensorGroup
+
+
+def read_group(plan: MergePlan, unit: Unit, *, check_finite: bool) -> TensorGroup:
+    # Read base and models into one stacked buffer, then convert to float32 once.
+    info = plan.base.checkpoint.info(unit.name)
+    shape = info.shape if unit.row_start is None else (unit.row_end - unit.row_start, *info.shape[1:])
+    raw = torch.empty((plan.n + 1, unit.elems), dtype=info.dtype)
+    for i, src in enumerate([plan.base, *plan.models]):
+        src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
+    full = raw.to(device=plan.device, dtype=torch.float32)
+    base, models = full[0].reshape(shape), full[1:].reshape((plan.n, *shape))
+    if check_finite:
+        _check_finite(plan, unit, base, models)
+    return TensorGroup(unit.name, base, models, unit.offset, _candidates(plan, unit))
+
+
+def _candidates(plan: MergePlan, unit: Unit) -> torch.Tensor | None:
+    """The unit's entries marked by a stat pass (Reduce.marks_candidates), as flat indices."""
+    bits = plan.candidates.get((unit.name, unit.offset)) if plan.candidates else None
+    if bits is None:
+        return None
+    return torch.from_numpy(np.flatnonzero(np.unpackbits(bits, count=unit.elems))).to(plan.device)
+
+
+def _check_finite(plan: MergePlan, unit: Unit, base: torch.Tensor, models: torch.Tensor) -> None:
+    # A sum is one cheap read; only a non-finite sum needs the exact (costlier) check.
+    if math.isfinite(float(base.sum()) + float(models.sum())):
+        return
+    labels = [str(plan.base.path), *(str(m.path) for m in plan.models)]
+    check_finite(unit.name, [base, *models.unbind(0)], labels)
+
+
+def run_units(plan: MergePlan, units: Sequence[Unit], work: Callable[[Unit], object], workers: int,
+               progress: bool, label: str) -> Iterable:
+    """work(unit) on a thread pool; yields results in unit order, few in flight."""
+    bar = _bar(sum(plan.unit_bytes(u) for u in units), label) if progress else None
+    since_trim = 0
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow") as pool:
+            pending: deque = deque()
+            it = iter(units)
+            for unit in it:
+                pending.append((unit, pool.submit(work, unit)))
+                if len(pending) >= workers + 1:
+                    break
+            while pending:
+                unit, fut = pending.popleft()
+                try:
+                    result = fut.result()
+                except BaseException:
+                    for _, f in pending:
+                        f.cancel()
+                    raise
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(work, nxt)))
+                if bar is not None:
+                    bar.update(plan.unit_bytes(unit))
+                since_trim += plan.unit_bytes(unit)
+                if since_trim >= TRIM_EVERY_BYTES:
+                    since_trim = 0
+                    trim_malloc()
+                yield result
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _bar(total: int, label: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                file=sys.stderr)
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
