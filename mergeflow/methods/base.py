@@ -15,6 +15,14 @@ Streaming notes (additions, backward compatible):
   row chunks (bounded memory), so such methods must avoid reductions whose float rounding depends
   on where a tensor ends (e.g. `torch.sum(dim=0)` vectorises its tail differently): use
   `sum_over_tasks`. Non-elementwise methods (per-tensor norms, per-tensor top-k) get whole tensors.
+- `Reduce(scope="tensor")`: a statistic per tensor instead of per model (mergekit-style per-tensor
+  TIES thresholds), read back as `stats[tensor_stat(name, group.name)]`; such methods stay
+  elementwise, so large tensors still stream in row chunks.
+- `Reduce(marks_candidates=True)` on a k-th value the merge only needs above (PCB's score cut): the
+  engine passes `TensorGroup.candidates`, the entries that can reach it, and the method may skip
+  costly work elsewhere, provided the result there is what the full formula gives.
+- `FusedLastPass`: a last pass whose sum-statistic changes only a few entries (TIES's majority
+  sign) runs inside the engine's merge pass (`Provisional`), saving a read of every model.
 """
 
 from __future__ import annotations
