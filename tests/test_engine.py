@@ -159,6 +159,22 @@ def test_sampled_window_finds_the_quantile_in_one_pass():
     assert torch.equal(red.results["t"], values.kthvalue(100_000 - 20_000, dim=1).values)
 
 
+@pytest.mark.parametrize("rank_at", [0.8, 0.3])
+def test_window_counts_values_tied_at_its_bounds_instead_of_keeping_them(rank_at):
+    # Quantised values (like bf16 task vectors) put big atoms of equal values at the sampled
+    # bounds; counting them keeps the one-pass window within a cap far below the atom sizes.
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 12, (2, 120_000), generator=g).float() / 16
+    d = values.shape[1]
+    how = {"t": Reduce("x", "kth", rank=lambda n: int(rank_at * n))}
+    red = PassReduction(how, cap=3_000)  # each atom holds ~10,000 values
+    red.set_windows({"x": values[:, ::7]}, {"x": d})
+    for part in torch.split(values, 5_000, dim=1):
+        red.absorb(red.summarize({"x": part}))
+    assert red.finish_round()  # one pass, no radix fallback
+    assert torch.equal(red.results["t"], values.kthvalue(int(rank_at * d), dim=1).values)
+
+
 def _listing(path):
     return sorted(p.name for p in path.iterdir())
 

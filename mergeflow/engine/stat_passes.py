@@ -23,6 +23,7 @@ from mergeflow.methods.base import tensor_stat
 TENSOR_CAP = 4 << 20
 TENSOR_KEEP_ALL = 256 << 10
 TENSOR_SAMPLE = 64 << 10
+MAX_SAMPLE = 8 << 20  # sampled values per row, at most (the sort that places a window holds them)
 
 
 def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = False,
@@ -104,6 +105,10 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction,
         empty = {s: torch.zeros(plan.n, 1) for s in sources}
         reduction.set_windows(empty, {s: total for s in sources})
         return
+    # The window must hold at most ~0.8 cap values: its width is ~8 sqrt(q (1 - q) / s) of the
+    # total, so a model with many more values than `cap` needs a larger sample (7B: ~5M values
+    # a row, 0.1 % of a read) or its k-th values fall back to two more radix passes.
+    sample_target = max(sample_target, min(MAX_SAMPLE, int((8 * total / reduction.cap) ** 2)))
     fraction = min(1.0, sample_target / max(1, total))
     subs = [_sub_unit(plan, u, fraction) for u in units]
     # each sampled value stands for unit.elems / sub.elems values of the model
