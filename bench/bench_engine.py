@@ -118,10 +118,12 @@ def main() -> None:
             raise SystemExit(f"case {case} failed")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         shutil.rmtree(out, ignore_errors=True)
+    from mergeflow.engine.units import usable_cpus
+
     floor = next((r for r in rows if r["case"] == "floor"), None)
     load = os.getloadavg()[0]
     print(f"\nengine benchmark: Llama {a.size}, base + {a.models} fine-tunes (bf16), "
-          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} CPU(s), device {a.device}, load average {load:.1f} at the end")
+          f"{usable_cpus()} CPU(s), device {a.device}, load average {load:.1f} at the end")
     print(f"{'case':<18}{'wall s':>9}{'x floor':>9}{'CPU s':>9}{'x floor':>9}{'peak RSS MiB':>14}")
     for r in rows:
         wall_ratio = f"{r['wall_s'] / floor['wall_s']:.2f}" if floor else "-"

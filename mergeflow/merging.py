@@ -53,16 +53,18 @@ def global_stats(method: MergeMethod, params, groups_factory) -> GlobalStats:
     stats: dict[str, torch.Tensor] = {}
     for stat_pass in method.stat_passes:
         reductions = stat_pass.reductions(params)
+        per_model = {k: how for k, how in reductions.items() if how.scope == "model"}
         per_tensor = {k: how for k, how in reductions.items() if how.scope == "tensor"}
+        needed = {how.source for how in per_model.values()}  # only these are concatenated
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
         for g in groups:
             values = stat_pass.values(g, params, stats)
-            for source, v in values.items():
-                collected[source].append(v)
+            for source in needed & values.keys():
+                collected[source].append(values[source])
             for k, how in per_tensor.items():
                 v = values[how.source]
                 stats[tensor_stat(k, g.name)] = reduce_rows(v.reshape(v.shape[0], -1), how)
-        stats.update(reduce_all(collected, {k: h for k, h in reductions.items() if k not in per_tensor}))
+        stats.update(reduce_all(collected, per_model))
     return stats
 
 

@@ -32,7 +32,5 @@ def reduce_all(
     collected: Mapping[str, list[torch.Tensor]], reductions: Mapping[str, Reduce]
 ) -> dict[str, torch.Tensor]:
     """Concatenate each source's per-tensor values along dim 1 and reduce them."""
-    needed = {how.source for how in reductions.values()}
-    rows = {src: torch.cat([v.reshape(v.shape[0], -1) for v in vals], dim=1)
-            for src, vals in collected.items() if src in needed}
+    rows = {src: torch.cat([v.reshape(v.shape[0], -1) for v in vals], dim=1) for src, vals in collected.items()}
     return {name: reduce_rows(rows[how.source], how) for name, how in reductions.items()}

@@ -24,11 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from mergeflow.engine.memory import tune_malloc
 from mergeflow.engine.plan import DEFAULT_CHUNK_ELEMS, MANIFEST_FILE, MergePlan, Unit, plan_merge
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET
 from mergeflow.engine.stat_passes import compute_global_stats, separate_passes
-from mergeflow.engine.units import read_group, run_units, torch_threads
+from mergeflow.engine.units import read_group, run_units, torch_threads, usable_cpus
 from mergeflow.engine.writer import StreamingCheckpointWriter
 from mergeflow.methods import GlobalStats
 from mergeflow.methods.base import Provisional
@@ -94,7 +93,7 @@ def merge_checkpoints(
     # More threads stop paying off early: the units' Python work serialises on the GIL and the
     # elementwise math is bound by memory bandwidth (16 threads on a 16-CPU machine ran global
     # TIES at 0.5B in 30 s, 2 threads in 18 s).
-    workers = workers or min(MAX_DEFAULT_WORKERS, _usable_cpus())
+    workers = workers or min(MAX_DEFAULT_WORKERS, usable_cpus())
     tune_malloc()
     try:
         if progress or dry_run:
@@ -111,12 +110,6 @@ def merge_checkpoints(
     finally:
         plan.close()
     return result
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity where the OS reports one)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
 
 
 def estimate(plan: MergePlan, workers: int) -> str:
@@ -159,15 +152,14 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
             raise ValueError(f"{plan.method.name} returned shape {list(merged.shape)} for {unit.name}, "
                              f"expected {list(group.base.shape)}")
         if provisional is not None:  # keep only the small parts: the unit's tensor is written now
-            provisional = Provisional(torch.empty(0), provisional.partial.cpu(), provisional.positions,
-                                      provisional.resolve)
+            provisional = replace(provisional, merged=torch.empty(0), partial=provisional.partial.cpu())
         return merged.to(dtype(unit.name)).cpu(), provisional
 
     digest = hashlib.sha256()
     stats = dict(stats)
     with StreamingCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes) as writer:
         writer.plan([(k, shape(k), dtype(k)) for k in plan.names])
-        partial_sum, pending = None, []
+        partial_sum, pending = torch.zeros(1, dtype=torch.int64), []
         for unit, (out, provisional) in zip(plan.units, run_units(plan, plan.units, work, workers, progress, "merge"),
                                             strict=True):
             byte_offset = unit.offset * out.element_size()
@@ -178,12 +170,12 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
                 digest.update(memoryview(data.numpy()))
                 writer.write(unit.name, byte_offset, out)
             if provisional is not None:
-                partial_sum = provisional.partial if partial_sum is None else partial_sum + provisional.partial
+                partial_sum = partial_sum + provisional.partial
                 if provisional.positions is not None:
                     pending.append((unit, provisional))
         output_hash = digest.hexdigest()
         if fused is not None:
-            stats[fused.stat] = partial_sum if partial_sum is not None else torch.zeros(1, dtype=torch.int64)
+            stats[fused.stat] = partial_sum
             if _resolve_pending(writer, pending, partial_sum, dtype):
                 output_hash = _hash_written(writer, plan.names, dtype, shape)
         base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent

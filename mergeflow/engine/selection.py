@@ -61,11 +61,11 @@ def _window_cpu(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     `lt ^ le` is "lo <= v <= hi" because v < lo implies v <= hi (lo <= hi).
     """
     x = v.to(torch.float32).numpy()
-    lows, highs = lo.to(torch.float32).numpy(), hi.to(torch.float32).numpy()
+    lows, highs = (np.broadcast_to(b.to(torch.float32).numpy(), x.shape[:1]) for b in (lo, hi))
     below, at_lo, at_hi, kept, reach = [], [], [], [], None
     for r in range(x.shape[0]):
-        row, low, high = x[r], lows[min(r, len(lows) - 1)], highs[min(r, len(highs) - 1)]
-        lt = row < low  # lo and hi have one value per row, or one for all
+        row, low, high = x[r], lows[r], highs[r]
+        lt = row < low
         below.append(np.count_nonzero(lt))
         if mark:
             reach = ~lt if reach is None else np.logical_or(reach, ~lt, out=reach)
@@ -140,6 +140,10 @@ class KthSelection:
         """Whether chunks record the entries that can reach the result (a window with a finite low end)."""
         return self.how.marks_candidates and self.mode == "window" and bool(torch.isfinite(self.lo).all())
 
+    def keep_all(self) -> None:
+        """A window over every value (-inf, +inf), for row lengths that fit in `cap`: one pass."""
+        self.mode, self.lo, self.hi = "window", torch.tensor([-math.inf]), torch.tensor([math.inf])
+
     def set_window(self, sample: torch.Tensor, expected_d: int, weights: torch.Tensor | None = None) -> None:
         """Choose [lo, hi] per row from sampled values (rows, s) so the rank falls inside.
 
@@ -184,9 +188,8 @@ class KthSelection:
             below = _count(v < lo)
             inside = (v >= lo) & (v <= hi)
             windows = [v[r][inside[r]].to(torch.float32).cpu().numpy() for r in range(v.shape[0])]
-            lows, highs = self.lo.tolist(), self.hi.tolist()
-            split = [_split_bounds(w, lows[min(r, len(lows) - 1)], highs[min(r, len(highs) - 1)])
-                     for r, w in enumerate(windows)]
+            lows, highs = (b.expand(v.shape[0]).tolist() for b in (self.lo, self.hi))
+            split = [_split_bounds(w, lows[r], highs[r]) for r, w in enumerate(windows)]
             counts = (below, *(torch.tensor([c[i] for c, _ in split], dtype=torch.int64) for i in (0, 1)))
             reach = np.packbits((v >= lo).any(dim=0).cpu().numpy()) if self.marking else None
             return v.shape[1], counts, [torch.from_numpy(k) for _, k in split], reach
@@ -232,10 +235,10 @@ class KthSelection:
     def _window_value(self, r: int, rank: int, start: int, end: int) -> torch.Tensor:
         """Row r's rank-th value: lo (tied), a kept value, or hi (tied)."""
         if rank <= start:
-            return self.lo[min(r, len(self.lo) - 1)].to(torch.float32)
+            return self.lo.expand(len(self.kept))[r].to(torch.float32)
         if rank <= end:
             return self.kept[r].values().kthvalue(rank - start).values
-        return self.hi[min(r, len(self.hi) - 1)].to(torch.float32)
+        return self.hi.expand(len(self.kept))[r].to(torch.float32)
 
     # -- end of a pass ---------------------------------------------------------------------
     def finish_round(self) -> bool:
@@ -304,6 +307,10 @@ class PassReduction:
 
     def wants_sample(self) -> bool:
         return any(k.mode == "radix" and k.level == 0 for k in self.kth.values()) and self.round == 0
+
+    def keep_all(self) -> None:
+        for sel in self.kth.values():
+            sel.keep_all()
 
     def set_windows(self, sample: Mapping[str, torch.Tensor], expected_d: Mapping[str, int],
                     weights: torch.Tensor | None = None) -> None:

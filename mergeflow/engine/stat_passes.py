@@ -102,8 +102,7 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction,
     total = sum(u.elems for u in units)
     sources = {h.source for h in reduction.reductions.values() if h.kind == "kth"}
     if total <= min(reduction.cap, keep_all_below or reduction.cap):  # few values: keep them all
-        empty = {s: torch.zeros(plan.n, 1) for s in sources}
-        reduction.set_windows(empty, {s: total for s in sources})
+        reduction.keep_all()
         return
     # The window must hold at most ~0.8 cap values: its width is ~8 sqrt(q (1 - q) / s) of the
     # total, so a model with many more values than `cap` needs a larger sample (7B: ~5M values

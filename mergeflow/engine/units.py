@@ -9,6 +9,7 @@ the torch math and the writes of different units overlap.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -95,6 +96,12 @@ def _bar(total: int, label: str):
 
     return tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
                 file=sys.stderr)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS reports one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
 
 
 @contextmanager

@@ -216,14 +216,10 @@ def tensor_kept_rank(numel: int, k: float) -> int:
     return numel - int(k * numel) + 1
 
 
-def _threshold_stat(params: TiesParams) -> str:
-    return "ties_threshold" if params.trim_scope == "global" else "ties_tensor_threshold"
-
-
 def _trimmed(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> torch.Tensor:
     deltas = group.deltas
-    name = _threshold_stat(params)
-    thresholds = stats[name] if params.trim_scope == "global" else stats[tensor_stat(name, group.name)]
+    thresholds = (stats["ties_threshold"] if params.trim_scope == "global"
+                  else stats[tensor_stat("ties_tensor_threshold", group.name)])
     return scale_per_task(trim_global(deltas, thresholds.to(deltas.device)), params.lam)
 
 
