@@ -1,7 +1,7 @@
 """The method's StatPasses over every float tensor: exact global (or per-tensor) statistics.
 
 Each pass reads every unit once in the usual case. A k-th value first gets a window from a
-small weighted sample (`_set_windows`); the pass then counts the values below the window and
+small sample of evenly spread rows (`_set_windows`); the pass then counts the values below the window and
 keeps those inside it, which fixes the k-th value exactly (see selection.py). A window that
 missed costs more rounds, over the units still open. The first pass also checks the inputs for
 NaN/inf. A method's fused last pass (TIES's majority sign) is not run here but inside the merge.
@@ -98,7 +98,7 @@ def separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:
 
 def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, stats: GlobalStats,
                  units: list[Unit], workers: int, sample_target: int, keep_all_below: int | None = None) -> None:
-    """Sample a few rows of every unit to place the k-th value windows (one cheap pass)."""
+    """Sample an evenly spread share of the rows to place the k-th value windows (one cheap pass)."""
     total = sum(u.elems for u in units)
     sources = {h.source for h in reduction.reductions.values() if h.kind == "kth"}
     if total <= min(reduction.cap, keep_all_below or reduction.cap):  # few values: keep them all
@@ -108,33 +108,39 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction,
     # total, so a model with many more values than `cap` needs a larger sample (7B: ~5M values
     # a row, 0.1 % of a read) or its k-th values fall back to two more radix passes.
     sample_target = max(sample_target, min(MAX_SAMPLE, int((8 * total / reduction.cap) ** 2)))
-    fraction = min(1.0, sample_target / max(1, total))
-    subs = [_sub_unit(plan, u, fraction) for u in units]
-    # each sampled value stands for unit.elems / sub.elems values of the model
-    weight_of = {id(sub): u.elems / max(1, sub.elems) for u, sub in zip(units, subs, strict=True)}
+    subs = _systematic_rows(plan, units, min(1.0, sample_target / max(1, total)))
 
     def work(sub: Unit):
         values = stat_pass.values(read_group(plan, sub, check_finite=False), plan.params, stats)
-        return {s: (values[s].reshape(values[s].shape[0], -1).to(torch.float32).cpu(), weight_of[id(sub)])
-                for s in sources if s in values}
+        return {s: values[s].reshape(values[s].shape[0], -1).to(torch.float32).cpu() for s in sources if s in values}
 
-    collected: dict[str, list[tuple[torch.Tensor, float]]] = {s: [] for s in sources}
+    collected: dict[str, list[torch.Tensor]] = {s: [] for s in sources}
     for part in run_units(plan, subs, work, workers, False, "sample"):
-        for s, vw in part.items():
-            collected[s].append(vw)
-    for s, parts in collected.items():
-        if parts:
-            values = torch.cat([v for v, _ in parts], dim=1)
-            weights = torch.cat([torch.full((v.shape[1],), w, dtype=torch.float64) for v, w in parts])
-            reduction.set_windows({s: values}, {s: round(float(weights.sum()))}, weights)
+        for s, v in part.items():
+            collected[s].append(v)
+    reduction.set_windows({s: torch.cat(parts, dim=1) for s, parts in collected.items() if parts},
+                          {s: total for s in sources})
 
 
-def _sub_unit(plan: MergePlan, unit: Unit, fraction: float) -> Unit:
-    shape = plan.base.checkpoint.info(unit.name).shape
-    if not shape or unit.elems == 0:  # a scalar, or a tensor with no entries: take it whole
-        return unit
-    start = unit.row_start or 0
-    end = unit.row_end if unit.row_end is not None else shape[0]
-    take = max(1, round((end - start) * fraction))
-    row = unit.elems // max(1, end - start)
-    return Unit(unit.name, start, start + take, take * row, unit.offset)
+def _systematic_rows(plan: MergePlan, units: list[Unit], fraction: float) -> list[Unit]:
+    """A `fraction` of every tensor's rows, evenly spread: unit by unit, the leading rows its share
+    adds up to (the remainder carries on to the next unit), so every value of the model has the
+    same weight in the sample and units whose share is below a row are not read at all."""
+    subs, carry = [], 0.0
+    for unit in units:
+        shape = plan.base.checkpoint.info(unit.name).shape
+        if unit.elems == 0:
+            continue
+        start = unit.row_start or 0
+        end = unit.row_end if unit.row_end is not None else (shape[0] if shape else 1)
+        carry += fraction * (end - start)
+        take = min(end - start, int(carry))
+        carry -= take
+        if take == 0:
+            continue
+        if not shape:  # a scalar: the whole unit
+            subs.append(unit)
+            continue
+        row = unit.elems // (end - start)
+        subs.append(Unit(unit.name, start, start + take, take * row, unit.offset))
+    return subs
