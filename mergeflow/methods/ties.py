@@ -80,12 +80,17 @@ def kept_rank(d: int, k: float) -> int:
 
 
 def trim_global(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Keep entries with |tau| >= the task's threshold; thresholds has one value per task."""
-    shape = (-1,) + (1,) * (deltas.dim() - 1)
-    # deltas * (|deltas| >= t) computed as an in-place 0/1 float mask times deltas: the same
-    # products, without torch's slow bool and mixed-dtype passes over memory.
-    mask = deltas.abs().ge_(thresholds.reshape(shape).to(deltas.dtype))
-    return mask.mul_(deltas)
+    """Keep entries with |tau| >= the task's threshold; thresholds has one value per task.
+
+    One pass per task: hardshrink keeps |x| > lambd, and for float32 values |x| >= t is
+    |x| > the largest float32 below t (t = 0 keeps everything, t = +inf nothing). Trimmed
+    entries are +0.0 (the official `M * mask` gives -0.0 for negative ones; no result differs but
+    the sign of a zero)."""
+    out = torch.empty_like(deltas)
+    for i, t in enumerate(thresholds.reshape(-1).tolist()):
+        below = float(np.nextafter(np.float32(t), np.float32(-np.inf)))
+        torch.hardshrink(deltas[i], below, out=out[i])
+    return out
 
 
 def scale_per_task(trimmed: torch.Tensor, lam: float | list[float]) -> torch.Tensor:
@@ -114,10 +119,12 @@ def resolve_zero_signs(gamma: torch.Tensor, majority: torch.Tensor) -> torch.Ten
     return gamma.masked_fill_(gamma == 0, majority_sign)
 
 
-def _signs_and_zeros(trimmed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gamma = sign(sum_i T_i), and 1.0 where that sum is exactly 0 (else 0.0)."""
-    gamma = sum_over_tasks(trimmed).sign_()
-    return gamma, gamma.abs().neg_().add_(1.0)
+def _vote(gamma: torch.Tensor, majority_sign: float) -> torch.Tensor:
+    """The sign each entry keeps: gamma, and where gamma = 0 the majority sign (+1 or -1).
+
+    A majority of 0 votes -1 there, as the official `where(gamma > 0, T > 0, T < 0)` does.
+    sign(gamma +- 0.5) does it in two float passes (gamma is -1, 0 or +1)."""
+    return gamma.add(0.5 if majority_sign > 0 else -0.5).sign_()
 
 
 def elect_and_aggregate(trimmed: torch.Tensor, agg: str, majority_sign: float) -> torch.Tensor:
@@ -125,20 +132,18 @@ def elect_and_aggregate(trimmed: torch.Tensor, agg: str, majority_sign: float) -
 
     `majority_sign` (+1, 0 or -1) is sign(sum_j gamma_j) over the whole model. The official rule,
     gamma resolved to the majority then `where(gamma > 0, T > 0, T < 0)`, keeps the entries that
-    agree with a vote of +1 or -1 (a majority of 0 votes -1 there). An agreeing entry has
-    T * vote > 0, so `relu(T * vote)` is |T| where it agrees and 0 elsewhere, and the official
-    sum of selected entries is vote * sum_i relu(T_i * vote) exactly (multiplying by +-1 and
-    negating a rounded sum are exact). Only float ops: torch's CPU kernels are 5-10x slower on
-    bool masks (compare, where, masked_fill) than on float arithmetic.
+    agree with the vote (`_vote`). An agreeing entry has T * vote > 0, so `relu(T * vote)` is |T|
+    where it agrees and 0 elsewhere, and the official sum of selected entries is
+    vote * sum_i relu(T_i * vote) exactly (multiplying by +-1 and negating a rounded sum are
+    exact). Only float ops: torch's CPU kernels are 5-10x slower on bool masks (compare, where,
+    masked_fill) than on float arithmetic.
     """
-    gamma, zero = _signs_and_zeros(trimmed)
-    return _aggregate(trimmed, gamma, zero, agg, majority_sign)
+    gamma = elected_sign(trimmed)
+    return _aggregate(trimmed, gamma, _vote(gamma, majority_sign), agg, majority_sign)
 
 
-def _aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, zero: torch.Tensor, agg: str,
+def _aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, vote: torch.Tensor, agg: str,
                majority_sign: float) -> torch.Tensor:
-    # gamma + s * zero: the elected sign with exact zeros voting s (small integers: exact)
-    vote = torch.add(gamma, zero, alpha=majority_sign if majority_sign != 0 else -1.0)
     agreeing = (trimmed * vote).clamp_min_(0.0)
     if agg == "mean":
         total = sum_over_tasks(agreeing)
@@ -147,7 +152,7 @@ def _aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, zero: torch.Tensor, a
     if agg == "sum":
         return sum_over_tasks(agreeing).mul_(vote)
     if agg == "max":  # the largest agreeing magnitude times gamma (0 stays 0 if the majority is 0)
-        return agreeing.amax(dim=0).mul_(torch.add(gamma, zero, alpha=majority_sign))
+        return agreeing.amax(dim=0).mul_(vote if majority_sign != 0 else gamma)
     raise ValueError(f"unknown agg {agg!r}; use mean, sum or max")
 
 
@@ -175,25 +180,25 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
 
     Merged with a provisional majority of +1. Only entries whose summed sign is exactly 0 and
     whose provisional value is non-zero (some entries cancel exactly) can change with the real
-    majority; they are gathered here (usually none), with their values for a majority of -1
+    majority; they are gathered here (usually a few), with their values for a majority of -1
     and of 0, and `resolve` picks the right ones (None for +1: the provisional values stand).
     """
     n = trimmed.shape[0]
-    gamma, zero = _signs_and_zeros(trimmed)
-    tau = _aggregate(trimmed, gamma, zero, agg, 1.0)
+    gamma = elected_sign(trimmed)
     partial = gamma.sum(dtype=torch.float64).to(torch.int64).reshape(1)
-    # Non-zero only where the sum is 0 and tau is not; there tau >= 0 (a vote of +1), so a
-    # positive sum means some entry is ambiguous.
-    flag = zero.mul_(tau)
-    ambiguous = float(flag.sum()) > 0.0
-    merged = combine(base, tau, lam)
+    vote = _vote(gamma, 1.0)
+    tau = _aggregate(trimmed, gamma, vote, agg, 1.0)
+    # vote - gamma is 1 where gamma = 0, else 0; there tau >= 0 (a vote of +1), so the dot
+    # product is positive exactly when some entry is ambiguous (a sum of non-negative values).
+    zero = vote.sub_(gamma)
+    ambiguous = float(torch.dot(zero.reshape(-1), tau.reshape(-1))) > 0.0
     if not ambiguous:
-        return Provisional(merged, partial)
-    positions = nonzero_positions(flag.reshape(-1))
+        return Provisional(combine(base, tau, lam), partial)
+    positions = nonzero_positions(zero.mul_(tau).reshape(-1))
     sub_trimmed, sub_base = trimmed.reshape(n, -1)[:, positions], base.reshape(-1)[positions]
     # The values for the two other majorities, computed now so nothing large is kept.
     other = {m: merge_elected(sub_base, sub_trimmed, agg, lam, m).cpu() for m in (-1.0, 0.0)}
-    return Provisional(merged, partial, positions.to(torch.int32).cpu(),
+    return Provisional(combine(base, tau, lam), partial, positions.to(torch.int32).cpu(),
                        lambda sign_sum: other.get(majority_sign(sign_sum)))
 
 
