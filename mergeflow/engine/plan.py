@@ -19,11 +19,12 @@ from mergeflow.compatibility import IncompatibleCheckpoints, check_compatible, i
 from mergeflow.engine.reader import TensorSource
 from mergeflow.methods import Hyperparams, MergeMethod, get_method
 
-# Entries per model in one unit of work. A unit's float32 copy of the inputs is then 1 MiB a row,
+# Entries per model in one unit of work. A unit's float32 copy of the inputs is then 2 MiB a row,
 # below the 32 MiB mmap threshold set in run.py, so temporaries are reused from malloc's arenas.
-# At 0.5B (base + 3, bf16) TIES/global took 16-17 s for 256 Ki to 1 Mi entries and 27 s at
-# 128 Ki, 54 s at 64 Ki (Python overhead per unit; measured in one session on a 2-CPU machine).
-DEFAULT_CHUNK_ELEMS = 1 << 18
+# Python and dispatch overhead per unit is what smaller units pay for: at 0.5B (base + 3, bf16)
+# TIES/global took 9.6-9.8 s at 512 Ki entries, 10.7-12.4 s at 256 Ki and 1 Mi, 15 s at 128 Ki
+# and 21 s at 64 Ki (one session, one 2-CPU machine, same code).
+DEFAULT_CHUNK_ELEMS = 1 << 19
 MANIFEST_FILE = "mergeflow_manifest.json"
 
 
