@@ -12,7 +12,7 @@ import mergeflow
 from mergeflow.checkpoint import load_state_dict
 from mergeflow.checkpoint_writer import save_checkpoint
 from mergeflow.engine import MergeConfigError, NonFiniteInput, merge_checkpoints
-from mergeflow.engine.selection import PassReduction
+from mergeflow.engine.selection import PassReduction, _window_cpu, _window_device
 from mergeflow.hashing import hash_checkpoint
 from mergeflow.methods import Reduce
 from mergeflow.statistics import reduce_rows
@@ -173,6 +173,22 @@ def test_window_counts_values_tied_at_its_bounds_instead_of_keeping_them(rank_at
         red.absorb(red.summarize({"x": part}))
     assert red.finish_round()  # one pass, no radix fallback
     assert torch.equal(red.results["t"], values.kthvalue(int(rank_at * d), dim=1).values)
+
+
+def test_device_window_counts_equal_the_cpu_ones():
+    # The torch path serves CUDA (tests/test_cuda.py); run here on CPU tensors it must give the
+    # numpy path's counts, kept values and candidate marks, including values tied at the bounds.
+    g = torch.Generator().manual_seed(5)
+    values = torch.randint(0, 40, (3, 10_000), generator=g).float() / 8
+    lo, hi = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([2.0, 2.5, 4.0])
+    counts, kept, marks = _window_cpu(values, lo, hi, mark=True)
+    d_counts, d_kept, d_marks = _window_device(values, lo, hi, mark=True)
+    assert (counts == d_counts).all() and (marks == d_marks).all()
+    assert all(torch.equal(a, b) for a, b in zip(kept, d_kept, strict=True))
+    below = (values < lo.unsqueeze(1)).sum(dim=1)
+    assert counts[0].tolist() == below.tolist()
+    assert counts[1].tolist() == (values == lo.unsqueeze(1)).sum(dim=1).tolist()
+    assert [k.numel() for k in kept] == ((values > lo.unsqueeze(1)) & (values < hi.unsqueeze(1))).sum(dim=1).tolist()
 
 
 def _listing(path):

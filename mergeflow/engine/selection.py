@@ -78,6 +78,21 @@ def _window_cpu(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     return counts, kept, (np.packbits(reach) if mark else None)
 
 
+def _window_device(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                   mark: bool = False) -> tuple[np.ndarray, list[torch.Tensor], np.ndarray | None]:
+    """`_window_cpu`'s results, computed with torch on v's device (CUDA): only the counts, the
+    few window values and the marks come back to the host."""
+    low, high = lo.to(v.device).unsqueeze(1), hi.to(v.device).unsqueeze(1)
+    below = _count(v < low)
+    inside = (v >= low) & (v <= high)
+    windows = [v[r][inside[r]].to(torch.float32).cpu().numpy() for r in range(v.shape[0])]
+    lows, highs = (b.to(torch.float32).expand(v.shape[0]).tolist() for b in (lo, hi))
+    split = [_split_bounds(w, lows[r], highs[r]) for r, w in enumerate(windows)]
+    counts = np.array([below.tolist(), *([c[i] for c, _ in split] for i in (0, 1))], dtype=np.int64)
+    reach = np.packbits((v >= low).any(dim=0).cpu().numpy()) if mark else None
+    return counts, [torch.from_numpy(k) for _, k in split], reach
+
+
 def _split_bounds(window: np.ndarray, low: float, high: float) -> tuple[tuple[int, int], np.ndarray]:
     """(count equal to low, count equal to high), and the values strictly between.
 
@@ -178,15 +193,8 @@ class KthSelection:
             if v.device.type == "cpu":
                 counts, kept, reach = _window_cpu(v, self.lo, self.hi, mark=self.marking)
                 return v.shape[1], counts, kept, reach
-            lo, hi = self.lo.to(v.device).unsqueeze(1), self.hi.to(v.device).unsqueeze(1)
-            below = _count(v < lo)
-            inside = (v >= lo) & (v <= hi)
-            windows = [v[r][inside[r]].to(torch.float32).cpu().numpy() for r in range(v.shape[0])]
-            lows, highs = (b.expand(v.shape[0]).tolist() for b in (self.lo, self.hi))
-            split = [_split_bounds(w, lows[r], highs[r]) for r, w in enumerate(windows)]
-            counts = np.array([below.tolist(), *([c[i] for c, _ in split] for i in (0, 1))], dtype=np.int64)
-            reach = np.packbits((v >= lo).any(dim=0).cpu().numpy()) if self.marking else None
-            return v.shape[1], counts, [torch.from_numpy(k) for _, k in split], reach
+            counts, kept, reach = _window_device(v, self.lo, self.hi, mark=self.marking)
+            return v.shape[1], counts, kept, reach
         keys = order_keys(v)
         if self.level == 0:
             top = (keys >> 16) + 32768
