@@ -191,6 +191,29 @@ def test_device_window_counts_equal_the_cpu_ones():
     assert [k.numel() for k in kept] == ((values > lo.unsqueeze(1)) & (values < hi.unsqueeze(1))).sum(dim=1).tolist()
 
 
+def test_sample_rows_are_evenly_spread_and_never_empty(zoo, tmp_path):
+    from mergeflow.engine.plan import plan_merge
+    from mergeflow.engine.stat_passes import _systematic_rows
+
+    plan = plan_merge("ties", zoo["base_dir"], zoo["ft_dirs"], {"k": 0.2}, out_dir=tmp_path / "o", chunk_elems=64)
+    try:
+        units = [u for u in plan.units if u.name in plan.float_names]
+        def rows(name):
+            shape = plan.base.checkpoint.info(name).shape
+            return shape[0] if shape else 1
+        names = {u.name for u in units}
+        sample = _systematic_rows(plan, units, 0.25)
+        taken = sum((u.row_end - u.row_start) if u.row_start is not None else rows(u.name) for u in sample)
+        assert abs(taken - 0.25 * sum(rows(n) for n in names)) <= 1  # a share of every unit, carried over
+        assert {n for n in names if rows(n) >= 4} <= {u.name for u in sample}  # spread over every tensor
+        # a share below one row overall still samples one row, not nothing (that would fall back
+        # to radix passes)
+        (one,) = _systematic_rows(plan, units, 1e-9)
+        assert one.elems > 0 and (one.row_end - one.row_start == 1 or one.row_start is None)
+    finally:
+        plan.close()
+
+
 def _listing(path):
     return sorted(p.name for p in path.iterdir())
 

@@ -128,19 +128,32 @@ def _systematic_rows(plan: MergePlan, units: list[Unit], fraction: float) -> lis
     same weight in the sample and units whose share is below a row are not read at all."""
     subs, carry = [], 0.0
     for unit in units:
-        shape = plan.base.checkpoint.info(unit.name).shape
         if unit.elems == 0:
             continue
         start = unit.row_start or 0
-        end = unit.row_end if unit.row_end is not None else (shape[0] if shape else 1)
+        end = start + _rows(plan, unit)
         carry += fraction * (end - start)
         take = min(end - start, int(carry))
         carry -= take
         if take == 0:
             continue
-        if not shape:  # a scalar: the whole unit
+        if not plan.base.checkpoint.info(unit.name).shape:  # a scalar: the whole unit
             subs.append(unit)
             continue
         row = unit.elems // (end - start)
         subs.append(Unit(unit.name, start, start + take, take * row, unit.offset))
+    nonempty = [u for u in units if u.elems]
+    if not subs and nonempty:  # every share was under a row (a few very long rows): take one
+        unit = nonempty[0]
+        start, rows = unit.row_start or 0, _rows(plan, unit)
+        if not plan.base.checkpoint.info(unit.name).shape:
+            return [unit]
+        return [Unit(unit.name, start, start + 1, unit.elems // rows, unit.offset)]
     return subs
+
+
+def _rows(plan: MergePlan, unit: Unit) -> int:
+    shape = plan.base.checkpoint.info(unit.name).shape
+    if unit.row_start is not None:
+        return unit.row_end - unit.row_start
+    return shape[0] if shape else 1
