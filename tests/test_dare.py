@@ -67,6 +67,23 @@ def test_mask_of_any_row_range_equals_the_slice_of_the_whole_mask():
     assert torch.equal(chunk, full[:, 20:30])
 
 
+def test_mask_is_the_blocks_pcg64_draws_compared_with_p():
+    import numpy as np
+
+    from mergeflow.methods.dare import _block_seed
+
+    p, total = 0.3, MASK_BLOCK + 1000
+    mask = keep_mask(7, "w", 2, total, 0, total, p)
+    for block, size in [(0, MASK_BLOCK), (1, 1000)]:
+        words = np.random.PCG64(_block_seed(7, "w", 2, block)).random_raw((size + 1) // 2)
+        u = np.stack([words & 0xFFFFFFFF, words >> 32], axis=1).reshape(-1)[:size]  # low half first
+        expected = torch.from_numpy((u / 2.0**32 >= p).astype(np.float32))
+        assert torch.equal(mask[block * MASK_BLOCK: block * MASK_BLOCK + size], expected)
+    for p in (0.1, 0.5, 0.9):
+        kept = keep_mask(1, "v", 0, 1 << 20, 0, 1 << 20, p).mean().item()
+        assert abs(kept - (1 - p)) < 0.002  # 4+ standard errors at 1M draws
+
+
 def test_dare_ties_with_no_drop_is_ties_without_trim():
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(50, generator=g)}

@@ -8,9 +8,9 @@ tau~_i = (1 - m_i) * tau_i / (1 - p), m_i ~ Bernoulli(p) per entry, a fresh mask
   disjoint aggregation (`agg`, default "sum" as in mergekit / FusionBench), then lam (a list
   applies per task before the election, as in `ties`).
 
-Masks never depend on scheduling: the mask of task i in tensor `name` is drawn from a generator
-seeded by sha256(seed, name, i), in fixed blocks of MASK_BLOCK entries of the flattened tensor,
-block b seeded by (seed, name, i, b). The streaming engine may process any row range of a tensor
+Masks never depend on scheduling: the mask of task i in tensor `name` is drawn in fixed blocks of
+MASK_BLOCK entries of the flattened tensor, block b from a PCG64 stream seeded by
+sha256(seed, name, i, b) (`keep_mask`). The streaming engine may process any row range of a tensor
 (`TensorGroup.offset`) and gets the same mask as the in-memory path. Masks are drawn on the CPU
 (the same bits on every device) and moved to the group's device.
 """
@@ -18,8 +18,10 @@ block b seeded by (seed, name, i, b). The streaming engine may process any row r
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 
@@ -67,20 +69,30 @@ def _block_seed(seed: int, name: str, task: int, block: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def keep_mask(seed: int, name: str, task: int, numel_total: int, start: int, count: int, p: float) -> torch.Tensor:
+def keep_mask(seed: int, name: str, task: int, numel_total: int, start: int, count: int, p: float,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Keep mask (float32, 1.0 = kept) for entries [start, start + count) of task `task`'s
-    flattened tensor. Float, not bool: torch's CPU kernels are several times slower on bool."""
+    flattened tensor. Float, not bool: torch's CPU kernels are several times slower on bool.
+
+    Entry j of a block is kept when its uniform 32-bit draw u_j (the j-th little-endian half of
+    the block's PCG64 stream) has u_j / 2**32 >= p, so P(keep) = 1 - p (to 2**-32). Raw PCG64
+    words are ~3x faster to draw than torch.rand, and a block's stream can be advanced to any
+    entry, so a range starting mid-block draws only the numbers it uses. `out`: a contiguous
+    float32 CPU tensor of `count` entries to fill (returned)."""
     del numel_total  # the mask of an entry depends only on its position, not on the tensor size
-    out = torch.empty(count, dtype=torch.float32)
+    out = torch.empty(count, dtype=torch.float32) if out is None else out
+    mask = out.numpy()
+    threshold = np.uint32(min(math.ceil(p * 2**32), 2**32 - 1))
     pos = start
     while pos < start + count:
         block, within = divmod(pos, MASK_BLOCK)
         take = min(MASK_BLOCK - within, start + count - pos)
-        g = torch.Generator().manual_seed(_block_seed(seed, name, task, block))
-        # a block's numbers are drawn from its start: a range starting mid-block draws `within`
-        # numbers it does not use (so blocks are small)
-        u = torch.rand(within + take, generator=g)[within:]
-        torch.ge(u, p, out=out[pos - start: pos - start + take])
+        words = np.random.PCG64(_block_seed(seed, name, task, block))
+        words.advance(within // 2)  # two draws per 64-bit word
+        skip = within % 2
+        raw = words.random_raw((skip + take + 1) // 2).astype("<u8", copy=False)
+        draws = raw.view("<u4")[skip: skip + take]
+        np.greater_equal(draws, threshold, out=mask[pos - start: pos - start + take], casting="unsafe")
         pos += take
     return out
 
@@ -91,10 +103,10 @@ def drop_and_rescale(group: TensorGroup, p: float, seed: int) -> torch.Tensor:
     if p == 0.0:
         return deltas
     per_task = deltas[0].numel()
-    masks = torch.stack([
-        keep_mask(seed, group.name, i, per_task, group.offset, per_task, p) for i in range(group.n)
-    ]).reshape(deltas.shape).to(deltas.device)
-    return deltas.mul_(masks).div_(1.0 - p)  # deltas is a fresh tensor
+    masks = torch.empty((group.n, per_task), dtype=torch.float32)
+    for i in range(group.n):
+        keep_mask(seed, group.name, i, per_task, group.offset, per_task, p, out=masks[i])
+    return deltas.mul_(masks.reshape(deltas.shape).to(deltas.device)).div_(1.0 - p)  # deltas is fresh
 
 
 @register(
