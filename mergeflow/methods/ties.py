@@ -195,7 +195,8 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
     if not ambiguous:
         return Provisional(combine(base, tau, lam), partial)
     positions = nonzero_positions(zero.mul_(tau).reshape(-1))
-    sub_trimmed, sub_base = trimmed.reshape(n, -1)[:, positions], base.reshape(-1)[positions]
+    sub_trimmed = trimmed.reshape(n, -1).index_select(1, positions)
+    sub_base = base.reshape(-1).index_select(0, positions)
     # The values for the two other majorities, computed now so nothing large is kept.
     other = {m: merge_elected(sub_base, sub_trimmed, agg, lam, m).cpu() for m in (-1.0, 0.0)}
     return Provisional(combine(base, tau, lam), partial, positions.to(torch.int32).cpu(),
