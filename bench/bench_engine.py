@@ -2,7 +2,8 @@
 
 Builds (once) a base and K fine-tunes with `make_llama.py`, then runs each case in its own
 subprocess (clean peak RSS, from getrusage in the child) and prints one table:
-  floor            read every input tensor once (positioned reads, all cores), write one model
+  floor            read every input tensor once and write one model, with the engine's reader,
+                   units, threads and writer and no arithmetic
   task_arithmetic  mergeflow engine, lam 0.3
   ties/global      official TIES (k 0.2, whole-model trim: exact streaming quantiles)
   ties/tensor      mergekit-style per-tensor trim
@@ -50,24 +51,36 @@ def _dirs(root: Path, models: int) -> tuple[Path, list[Path]]:
     return root / "base", [root / f"ft{i}" for i in range(models)]
 
 
-def run_floor(base: Path, models: list[Path], out: Path) -> None:
-    """Read every tensor of every input once, write the base's tensors as one model."""
-    from concurrent.futures import ThreadPoolExecutor
+def run_floor(base: Path, models: list[Path], out: Path, workers: int | None) -> None:
+    """Read every tensor of every input once and write the base's as one model, with the
+    engine's own reads, units, threads and writer and no arithmetic: what any merge must do."""
+    import torch
 
-    from mergeflow.engine.reader import TensorSource
+    from mergeflow.engine.memory import tune_malloc
+    from mergeflow.engine.plan import plan_merge
+    from mergeflow.engine.run import MAX_DEFAULT_WORKERS
+    from mergeflow.engine.units import run_units, usable_cpus
     from mergeflow.engine.writer import StreamingCheckpointWriter
 
-    sources = [TensorSource(p) for p in [base, *models]]
-    names = sources[0].checkpoint.names
-    info = sources[0].checkpoint.info
-    with StreamingCheckpointWriter(out) as writer, ThreadPoolExecutor(os.cpu_count() or 2) as pool:
-        writer.plan([(k, info(k).shape, info(k).dtype) for k in names])
+    tune_malloc()
+    plan = plan_merge("task_arithmetic", base, models, {}, out_dir=out)
+    sources = [plan.base, *plan.models]
+    info = plan.base.checkpoint.info
 
-        def one(name: str) -> None:
-            tensors = [s.read(name) for s in sources]
-            writer.write(name, 0, tensors[0])
+    def one(unit, writer: StreamingCheckpointWriter) -> None:
+        raw = torch.empty((len(sources), unit.elems), dtype=info(unit.name).dtype)
+        for i, src in enumerate(sources):
+            src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
+        writer.write(unit.name, unit.offset * raw.element_size(), raw[0])
 
-        list(pool.map(one, names))
+    try:
+        with StreamingCheckpointWriter(out) as writer:
+            writer.plan([(k, info(k).shape, info(k).dtype) for k in plan.names])
+            workers = workers or min(MAX_DEFAULT_WORKERS, usable_cpus())
+            for _ in run_units(plan, plan.units, lambda u: one(u, writer), workers, False, "floor"):
+                pass
+    finally:
+        plan.close()
 
 
 def child(case: str, root: Path, models: int, out: Path, device: str, workers: int | None) -> None:
@@ -80,7 +93,7 @@ def child(case: str, root: Path, models: int, out: Path, device: str, workers: i
     cpu0 = usage.ru_utime + usage.ru_stime
     t0 = time.perf_counter()
     if CASES[case] is None:
-        run_floor(base, fts, out)
+        run_floor(base, fts, out, workers)
     else:
         method, hp = CASES[case]
         merge_checkpoints(method, base, fts, out, hp, progress=False, input_hashes=["-"] * (models + 1),
