@@ -125,31 +125,17 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction,
 def _systematic_rows(plan: MergePlan, units: list[Unit], fraction: float) -> list[Unit]:
     """A `fraction` of every tensor's rows, evenly spread: unit by unit, the leading rows its share
     adds up to (the remainder carries on to the next unit), so every value of the model has the
-    same weight in the sample and units whose share is below a row are not read at all."""
+    same weight in the sample and units whose share is below a row are not read at all. A share
+    under one row overall still takes one row (an empty sample would cost radix passes)."""
+    units = [u for u in units if u.elems]
     subs, carry = [], 0.0
     for unit in units:
-        if unit.elems == 0:
-            continue
-        start = unit.row_start or 0
-        end = start + _rows(plan, unit)
-        carry += fraction * (end - start)
-        take = min(end - start, int(carry))
+        carry += fraction * _rows(plan, unit)
+        take = int(carry)
         carry -= take
-        if take == 0:
-            continue
-        if not plan.base.checkpoint.info(unit.name).shape:  # a scalar: the whole unit
-            subs.append(unit)
-            continue
-        row = unit.elems // (end - start)
-        subs.append(Unit(unit.name, start, start + take, take * row, unit.offset))
-    nonempty = [u for u in units if u.elems]
-    if not subs and nonempty:  # every share was under a row (a few very long rows): take one
-        unit = nonempty[0]
-        start, rows = unit.row_start or 0, _rows(plan, unit)
-        if not plan.base.checkpoint.info(unit.name).shape:
-            return [unit]
-        return [Unit(unit.name, start, start + 1, unit.elems // rows, unit.offset)]
-    return subs
+        if take:
+            subs.append(_leading_rows(plan, unit, take))
+    return subs or [_leading_rows(plan, u, 1) for u in units[:1]]
 
 
 def _rows(plan: MergePlan, unit: Unit) -> int:
@@ -157,3 +143,12 @@ def _rows(plan: MergePlan, unit: Unit) -> int:
     if unit.row_start is not None:
         return unit.row_end - unit.row_start
     return shape[0] if shape else 1
+
+
+def _leading_rows(plan: MergePlan, unit: Unit, take: int) -> Unit:
+    """The unit's first `take` rows (at most all of them); a scalar unit whole."""
+    if not plan.base.checkpoint.info(unit.name).shape:
+        return unit
+    rows, start = _rows(plan, unit), unit.row_start or 0
+    take = min(take, rows)
+    return Unit(unit.name, start, start + take, take * (unit.elems // rows), unit.offset)
