@@ -8,6 +8,9 @@ per merge, `trim_malloc` every TRIM_EVERY_BYTES of input read.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 TRIM_EVERY_BYTES = 512 << 20  # input bytes between malloc_trim calls
 
 
@@ -25,15 +28,15 @@ def tune_malloc() -> None:
       which made TIES's merge pass 3-4x slower. `trim_malloc` bounds the heap instead.
     - Two shared arenas, so resident memory does not grow with the number of threads.
     """
+    libc = glibc()
+    if libc is None:
+        return
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 32 << 20)
         libc.mallopt(m_trim_threshold, 256 << 20)
         libc.mallopt(m_arena_max, 2)
-    except (OSError, AttributeError):
+    except AttributeError:
         pass
 
 
@@ -45,9 +48,15 @@ def trim_malloc() -> None:
     every TRIM_EVERY_BYTES of input bounds it: at 0.5B TIES/global peaked at 2.9 GiB without,
     1.3 GiB with, for a few seconds of page faults.
     """
-    try:
-        import ctypes
+    libc = glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The C library, loaded once (None where there is no glibc)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None

@@ -10,6 +10,7 @@ tokenizer, model card, manifest), shard naming, index and atomic rename on `comm
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import torch
 
 from mergeflow.checkpoint import _SAFETENSORS_DTYPES
 from mergeflow.checkpoint_writer import DEFAULT_SHARD_BYTES, CheckpointWriter
+from mergeflow.engine.memory import glibc
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
@@ -30,13 +32,9 @@ def _preallocate(fd: int, size: int) -> None:
     (blocks allocated page by page), and at 5.8 to 6.5 GB/s once the blocks were reserved. No
     emulation where the file system cannot (glibc's posix_fallocate would write every block).
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc = glibc()
+    if libc is not None and hasattr(libc, "fallocate"):
         libc.fallocate(ctypes.c_int(fd), ctypes.c_int(0), ctypes.c_longlong(0), ctypes.c_longlong(size))
-    except (OSError, AttributeError):
-        pass
 
 
 class StreamingCheckpointWriter(CheckpointWriter):
