@@ -359,3 +359,31 @@ def test_score_pass_marks_the_entries_that_can_reach_the_cut(tmp_path):
                       {"ratio": 0.1}, progress=False, chunk_elems=300, kth_cap=1000, kth_sample=1000,
                       input_hashes=["0"] * 4)
     assert torch.equal(load_state_dict(tmp_path / "out")["w"], merge("pcb", base, finetuned, ratio=0.1)["w"])
+
+
+@pytest.mark.parametrize("variant", ["nlp", "vision"])
+def test_merge_on_candidates_only_equals_the_full_formula_bitwise(variant):
+    # The streaming merge computes only the candidate entries and copies the base elsewhere.
+    # Where the base is -0.0 the full formula gives base + (+0.0) = +0.0 unless every clipped tau
+    # there is negative; those entries must be computed too, so the sign of zero matches.
+    from mergeflow.methods.pcb import pcb
+
+    base, finetuned = random_models(3, 21, shapes={"w": (40, 25)})
+    taus = [sd["w"] - base["w"] for sd in finetuned]
+    zero_at = torch.tensor([3, 77, 500, 999])
+    base["w"].view(-1)[zero_at] = -0.0
+    signs = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, -1.0]])
+    for i, sd in enumerate(finetuned):  # tiny taus there, so those entries are not candidates
+        sd["w"] = base["w"] + taus[i]
+        sd["w"].view(-1)[zero_at] = signs[:, i] * 1e-6
+    hp = {"ratio": 0.1, "variant": variant, "lam": 1.3 if variant == "nlp" else [1.3, 0.7, 1.0]}
+    params, groups, stats = _stats(base, finetuned, **hp)
+    full = pcb(groups[0], params, stats)
+    _, scale = clipped_and_scale(groups[0], params, stats)
+    candidates = torch.nonzero((scale > 0).any(dim=0).reshape(-1)).squeeze(1)
+    assert not set(zero_at.tolist()) & set(candidates.tolist())
+    g = groups[0]
+    on_candidates = pcb(TensorGroup(g.name, g.base, g.models, candidates=candidates), params, stats)
+    assert torch.equal(on_candidates.view(torch.int32), full.view(torch.int32))
+    # and the zero entries really differ in sign: +0.0 unless all three taus were negative
+    assert full.view(-1)[zero_at].view(torch.int32).tolist() == [0, -(2**31), 0, 0]

@@ -42,6 +42,7 @@ from mergeflow.methods.base import (
     Reduce,
     StatPass,
     TensorGroup,
+    nonzero_positions,
     sum_over_tasks,
 )
 from mergeflow.methods.registry import register
@@ -158,22 +159,11 @@ def clipped_and_scale(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(T_c, scale), both (n, m): the clipped task vectors and their kept, normalised weights.
 
-    They do not depend on lam, so a coefficient search computes them once. With
-    `group.candidates` (from the streaming engine: the entries where some task's score can reach
-    its cut) the costly scores are computed there only; every other entry has scale +0.0, as the
-    full formula gives for a score below the cut.
-    """
+    They do not depend on lam, so a coefficient search computes them once."""
     tau = _rows(group)
     magnitudes = clipped_magnitudes(tau, stats)
     clipped = torch.sign(tau).mul_(magnitudes)
-    if group.candidates is None:
-        return clipped, _scale(tau, magnitudes, params, stats)
-    idx = group.candidates
-    # index_select / index_copy_: the same values as tau[:, idx] and scale[:, idx] = ..., 4x and
-    # 1.7x faster on the CPU (measured at 512 Ki entries, 22 % candidates)
-    scale = torch.zeros_like(tau)
-    scale.index_copy_(1, idx, _scale(tau.index_select(1, idx), magnitudes.index_select(1, idx), params, stats))
-    return clipped, scale
+    return clipped, _scale(tau, magnitudes, params, stats)
 
 
 def _scale(tau: torch.Tensor, magnitudes: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
@@ -261,5 +251,38 @@ PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions), StatPass(_score_val
 )
 def pcb(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
     check_score_stats(stats)
+    if group.candidates is not None:
+        return _merge_at(group, _entries_to_compute(group), params, stats)
     clipped, scale = clipped_and_scale(group, params, stats)
     return weighted_mean(group.base, clipped, scale, params.lam, params.variant)
+
+
+_NEGATIVE_ZERO_BITS = -(2**31)  # float32 -0.0 viewed as int32
+
+
+def _entries_to_compute(group: TensorGroup) -> torch.Tensor:
+    """The candidates, plus the entries whose base is -0.0.
+
+    Everywhere else every scale is +0.0, so the formula gives base + (+-0.0), which is the base
+    itself, except at a -0.0 base, where the sign of the zero sum decides the sign of the result."""
+    bits = group.base.reshape(-1).view(torch.int32)
+    if bits.device.type == "cpu":  # numpy compares ~8x faster than torch's CPU kernels
+        hits = torch.from_numpy(bits.numpy() == _NEGATIVE_ZERO_BITS)
+    else:
+        hits = bits == _NEGATIVE_ZERO_BITS
+    if not bool(hits.any()):
+        return group.candidates
+    return torch.unique(torch.cat([group.candidates, nonzero_positions(hits).to(group.candidates.device)]))
+
+
+def _merge_at(group: TensorGroup, idx: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
+    """The merge computed at the flat entries `idx` only, the base elsewhere (see _entries_to_compute).
+
+    PCB is elementwise once the stats are known, so these entries get the values the whole
+    tensor would give them, bitwise."""
+    base = group.base.reshape(-1)
+    part = TensorGroup(group.name, base.index_select(0, idx), group.models.reshape(group.n, -1).index_select(1, idx))
+    clipped, scale = clipped_and_scale(part, params, stats)
+    merged = base.clone()
+    merged.index_copy_(0, idx, weighted_mean(part.base, clipped, scale, params.lam, params.variant))
+    return merged.reshape(group.base.shape)

@@ -40,6 +40,7 @@ from mergeflow.methods.base import (
     Reduce,
     StatPass,
     TensorGroup,
+    nonzero_positions,
     sum_over_tasks,
     tensor_stat,
 )
@@ -165,13 +166,6 @@ def merge_elected(base: torch.Tensor, trimmed: torch.Tensor, agg: str, lam: floa
                   majority: float) -> torch.Tensor:
     """theta = theta_0 + lam * tau_m, given the whole model's majority sign."""
     return combine(base, elect_and_aggregate(trimmed, agg, majority), lam)
-
-
-def nonzero_positions(flat: torch.Tensor) -> torch.Tensor:
-    """Indices of the non-zero entries of a 1-D tensor (numpy on the CPU: ~5x faster than torch)."""
-    if flat.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(flat.numpy()))
-    return flat.nonzero().squeeze(1)
 
 
 def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: str,
