@@ -27,7 +27,7 @@ Streaming notes (additions, backward compatible):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,9 +79,10 @@ def nonzero_positions(flat: torch.Tensor) -> torch.Tensor:
     return flat.nonzero().squeeze(1)
 
 
-def sum_over_tasks(values: torch.Tensor) -> torch.Tensor:
-    """sum_i values[i] added in task order, so every entry's rounding is independent of chunking."""
-    if values.shape[0] == 1:
+def sum_over_tasks(values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_i values[i] (a stacked tensor or a list of rows) added in task order, so every entry's
+    rounding is independent of chunking."""
+    if len(values) == 1:
         return values[0].clone()
     total = torch.add(values[0], values[1])  # one pass fewer than a copy of values[0] first
     for row in values[2:]:

@@ -144,9 +144,26 @@ def _scores_from(tau: torch.Tensor, magnitudes: torch.Tensor, params: PcbParams,
         if params.variant == "vision":
             inter = (tau * sum_over_tasks(signed)).tanh_()
         else:
-            inter = torch.vstack([sum_over_tasks((signed[i] * signed).tanh_()) for i in range(n)])
+            inter = _pairwise_tanh_sums(signed)
     intra = normalized.square_().mul_(n).exp_()  # exp(n * normalized**2), float32
     return intra.mul_(inter)
+
+
+def _pairwise_tanh_sums(signed: torch.Tensor) -> torch.Tensor:
+    """Row i: sum_j tanh(N_i * N_j), added in task order j (`sum_over_tasks`), as the official
+    vstack of sums. N_i * N_j == N_j * N_i bitwise, so each pair's tanh (the costly part) is
+    computed once, n (n + 1) / 2 instead of n**2, and kept only until its second row uses it."""
+    n = signed.shape[0]
+    kept: dict[tuple[int, int], torch.Tensor] = {}
+    rows = []
+    for i in range(n):
+        terms = [kept.pop((j, i)) for j in range(i)]
+        for j in range(i, n):
+            terms.append((signed[i] * signed[j]).tanh_())
+            if j > i:
+                kept[i, j] = terms[-1]
+        rows.append(sum_over_tasks(terms))
+    return torch.vstack(rows)
 
 
 def scores(tau: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
