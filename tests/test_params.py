@@ -43,6 +43,14 @@ def test_bad_hyperparameter_value_names_the_field():
     assert "merge.lam" in msg and "number" in msg
 
 
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_nan_or_infinite_hyperparameter_is_refused(value):
+    # YAML's .nan / .inf load as floats; a NaN lam would silently give a NaN model
+    raw = yaml.safe_load(f"merge: {{method: pcb, lam: {value}}}")
+    msg = _error(raw)
+    assert "merge.lam" in msg and "finite" in msg
+
+
 def test_error_in_a_compared_method_names_its_index():
     msg = _error({"compare": [{"method": "average"}, {"method": "nope"}]})
     assert "compare[1].method" in msg

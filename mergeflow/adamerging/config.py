@@ -15,7 +15,7 @@ TASK_VECTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class AdaMergingConfig(BaseModel):
     """Tuning settings; the defaults are the official ones."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Mode = Field("layer_wise", description="task_wise: one coefficient per task; layer_wise: one per task per tensor")
     ties_filter: bool = Field(False, description="AdaMerging++: tune on TIES-selected task vectors")

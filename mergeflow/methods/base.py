@@ -39,9 +39,10 @@ GlobalStats = Mapping[str, torch.Tensor]
 
 
 class Hyperparams(BaseModel):
-    """Base class of every method's hyperparameters: unknown names are errors."""
+    """Base class of every method's hyperparameters: unknown names are errors, and so are NaN and
+    infinite numbers (a NaN lam would silently give a NaN model)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
