@@ -54,23 +54,18 @@ def _dirs(root: Path, models: int) -> tuple[Path, list[Path]]:
 def run_floor(base: Path, models: list[Path], out: Path, workers: int | None) -> None:
     """Read every tensor of every input once and write the base's as one model, with the
     engine's own reads, units, threads and writer and no arithmetic: what any merge must do."""
-    import torch
-
     from mergeflow.engine.memory import tune_malloc
     from mergeflow.engine.plan import plan_merge
     from mergeflow.engine.run import MAX_DEFAULT_WORKERS
-    from mergeflow.engine.units import run_units, usable_cpus
+    from mergeflow.engine.units import read_stacked, run_units, usable_cpus
     from mergeflow.engine.writer import StreamingCheckpointWriter
 
     tune_malloc()
     plan = plan_merge("task_arithmetic", base, models, {}, out_dir=out)
-    sources = [plan.base, *plan.models]
     info = plan.base.checkpoint.info
 
     def one(unit, writer: StreamingCheckpointWriter) -> None:
-        raw = torch.empty((len(sources), unit.elems), dtype=info(unit.name).dtype)
-        for i, src in enumerate(sources):
-            src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
+        raw = read_stacked(plan, unit)
         writer.write(unit.name, unit.offset * raw.element_size(), raw[0])
 
     try:

@@ -20,7 +20,7 @@ from mergeflow.engine.reader import TensorSource
 from mergeflow.methods import Hyperparams, MergeMethod, get_method
 
 # Entries per model in one unit of work. A unit's float32 copy of the inputs is then 2 MiB a row,
-# below the 32 MiB mmap threshold set in run.py, so temporaries are reused from malloc's arenas.
+# below the 32 MiB mmap threshold `memory.tune_malloc` sets, so temporaries are reused from malloc's arenas.
 # Python and dispatch overhead per unit is what smaller units pay for: at 0.5B (base + 3, bf16)
 # TIES/global took 9.6-9.8 s at 512 Ki entries, 10.7-12.4 s at 256 Ki and 1 Mi, 15 s at 128 Ki
 # and 21 s at 64 Ki (one session, one 2-CPU machine, same code).

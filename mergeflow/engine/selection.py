@@ -175,12 +175,12 @@ class KthSelection:
         # the sampled order statistics at q -/+ delta (-inf / +inf past either end)
         lo_i, hi_i = math.ceil((q - delta) * s) - 1, math.ceil((q + delta) * s) - 1
         picks = [i for i in (lo_i, hi_i) if 0 <= i < s]
-        ordered = np.partition(sample.to(torch.float32).numpy(), picks, axis=1) if picks else None
+        values = sample.to(torch.float32)
+        ordered = np.partition(values.numpy(), picks, axis=1) if picks else None
         lo = torch.from_numpy(ordered[:, lo_i].copy()) if 0 <= lo_i < s else torch.full((rows,), -math.inf)
         hi = torch.from_numpy(ordered[:, hi_i].copy()) if 0 <= hi_i < s else torch.full((rows,), math.inf)
         # The pass keeps the values strictly inside (ties at the bounds are only counted); if the
         # sample says they would not fit in `cap`, radix passes are cheaper than a failed window.
-        values = sample.to(torch.float32)
         strictly_inside = ((values > lo.unsqueeze(1)) & (values < hi.unsqueeze(1))).sum(dim=1)
         if float(strictly_inside.max()) / s * expected_d > 0.8 * self.cap:
             return

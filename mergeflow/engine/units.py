@@ -25,14 +25,19 @@ from mergeflow.engine.plan import MergePlan, Unit
 from mergeflow.methods import TensorGroup
 
 
+def read_stacked(plan: MergePlan, unit: Unit) -> torch.Tensor:
+    """The unit's entries of the base and every model, in their stored dtype: (n + 1, elems)."""
+    raw = torch.empty((plan.n + 1, unit.elems), dtype=plan.base.checkpoint.info(unit.name).dtype)
+    for i, src in enumerate([plan.base, *plan.models]):
+        src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
+    return raw
+
+
 def read_group(plan: MergePlan, unit: Unit, *, check_finite: bool) -> TensorGroup:
     # Read base and models into one stacked buffer, then convert to float32 once.
     info = plan.base.checkpoint.info(unit.name)
     shape = info.shape if unit.row_start is None else (unit.row_end - unit.row_start, *info.shape[1:])
-    raw = torch.empty((plan.n + 1, unit.elems), dtype=info.dtype)
-    for i, src in enumerate([plan.base, *plan.models]):
-        src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
-    full = raw.to(device=plan.device, dtype=torch.float32)
+    full = read_stacked(plan, unit).to(device=plan.device, dtype=torch.float32)
     base, models = full[0].reshape(shape), full[1:].reshape((plan.n, *shape))
     if check_finite:
         _check_finite(plan, unit, base, models)

@@ -283,7 +283,7 @@ def _entries_to_compute(group: TensorGroup) -> torch.Tensor:
     Everywhere else every scale is +0.0, so the formula gives base + (+-0.0), which is the base
     itself, except at a -0.0 base, where the sign of the zero sum decides the sign of the result."""
     bits = group.base.reshape(-1).view(torch.int32)
-    if bits.device.type == "cpu":  # numpy compares ~8x faster than torch's CPU kernels
+    if bits.device.type == "cpu":  # numpy: ~3x faster than torch's CPU compare to bool
         hits = torch.from_numpy(bits.numpy() == _NEGATIVE_ZERO_BITS)
     else:
         hits = bits == _NEGATIVE_ZERO_BITS
