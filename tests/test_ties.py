@@ -154,3 +154,12 @@ def test_matches_the_official_flattened_code(agg):
     expected = torch.cat([base[k].reshape(-1) for k in keys]) + 0.7 * _official_ties(flat, 0.3, agg)
     got = torch.cat([out[k].reshape(-1) for k in keys])
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_nonzero_positions_matches_torch_nonzero(dtype):
+    # The engine's fast path (numpy on the CPU) must agree with torch: -0.0 is zero, NaN is not.
+    from mergeflow.methods.base import nonzero_positions
+
+    flat = torch.tensor([0.0, -0.0, 1.5, float("nan"), 0.0, -2.0, float("inf")]).to(dtype)
+    assert torch.equal(nonzero_positions(flat), flat.nonzero().squeeze(1))

@@ -74,9 +74,14 @@ class TensorGroup:
 
 
 def nonzero_positions(flat: torch.Tensor) -> torch.Tensor:
-    """Indices of the non-zero (True) entries of a 1-D tensor (numpy on the CPU: ~5x faster than torch)."""
+    """Indices of the non-zero (True) entries of a 1-D tensor (numpy on the CPU: ~5x faster than torch).
+
+    A float tensor is compared with 0 first: numpy's nonzero on a bool array is ~13x faster than
+    on float32 (0.1 against 1.3 ms for 512 Ki values, measured here); -0.0 counts as zero in both.
+    """
     if flat.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(flat.numpy()))
+        values = flat.numpy()
+        return torch.from_numpy(np.flatnonzero(values if values.dtype == bool else values != 0))
     return flat.nonzero().squeeze(1)
 
 
