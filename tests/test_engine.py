@@ -179,8 +179,9 @@ def test_device_window_counts_equal_the_cpu_ones():
     # The torch path serves CUDA (tests/test_cuda.py); run here on CPU tensors it must give the
     # numpy path's counts, kept values and candidate marks, including values tied at the bounds.
     g = torch.Generator().manual_seed(5)
-    values = torch.randint(0, 40, (3, 10_000), generator=g).float() / 8
-    lo, hi = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([2.0, 2.5, 4.0])
+    values = torch.randint(0, 40, (4, 10_000), generator=g).float() / 8
+    # the last row's window is one value (lo == hi), as bf16 task vectors often give
+    lo, hi = torch.tensor([1.0, 2.0, 0.5, 1.5]), torch.tensor([2.0, 2.5, 4.0, 1.5])
     counts, kept, marks = _window_cpu(values, lo, hi, mark=True)
     d_counts, d_kept, d_marks = _window_device(values, lo, hi, mark=True)
     assert (counts == d_counts).all() and (marks == d_marks).all()
@@ -188,6 +189,8 @@ def test_device_window_counts_equal_the_cpu_ones():
     below = (values < lo.unsqueeze(1)).sum(dim=1)
     assert counts[0].tolist() == below.tolist()
     assert counts[1].tolist() == (values == lo.unsqueeze(1)).sum(dim=1).tolist()
+    assert counts[2].tolist()[:3] == (values == hi.unsqueeze(1)).sum(dim=1).tolist()[:3]
+    assert counts[2, 3] == 0 and counts[1, 3] > 0  # a one-value window counts its atom once
     assert [k.numel() for k in kept] == ((values > lo.unsqueeze(1)) & (values < hi.unsqueeze(1))).sum(dim=1).tolist()
 
 

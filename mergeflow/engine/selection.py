@@ -31,6 +31,7 @@ from mergeflow.methods.base import Reduce
 DEFAULT_CAP = 24 * 2**20  # kept values per row (96 MiB of float32)
 SAMPLE_TARGET = 1 << 20  # sampled values per row that estimate the window
 _MAGNITUDE_BITS = 0x7FFFFFFF
+_EMPTY = np.empty(0, dtype=np.float32)
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
@@ -69,8 +70,11 @@ def _window_cpu(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
         below.append(np.count_nonzero(lt))
         if mark:
             reach = ~lt if reach is None else np.logical_or(reach, ~lt, out=reach)
-        window = row[np.logical_xor(lt, row <= high, out=lt)]
-        counts, strict = _split_bounds(window, low, high)
+        if low == high:  # one value (bf16 task vectors often put the sample's bounds on one atom)
+            counts, strict = (np.count_nonzero(row == low), 0), _EMPTY
+        else:  # the gather by positions is ~1.5x faster than a boolean index on real masks
+            window = row[np.flatnonzero(np.logical_xor(lt, row <= high, out=lt))]
+            counts, strict = _split_bounds(window, low, high)
         at_lo.append(counts[0])
         at_hi.append(counts[1])
         kept.append(torch.from_numpy(strict))
