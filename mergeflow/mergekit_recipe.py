@@ -23,12 +23,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from mergeflow.recipe import RecipeError
+
 METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear", "slerp")
 IGNORED_GLOBAL = {"int8_mask"}  # a memory optimisation of mergekit's; no effect on the result
 
 
-class MergekitRecipeError(ValueError):
-    """A mergekit recipe uses something mergeflow cannot reproduce."""
+class MergekitRecipeError(RecipeError):
+    """A mergekit recipe uses something mergeflow cannot reproduce (a RecipeError: the CLI
+    reports it as one line, like every other bad recipe)."""
 
 
 def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, Any]:

@@ -12,9 +12,8 @@ import sys
 
 
 def main(args: argparse.Namespace) -> int:
-    from mergeflow.checkpoint import CheckpointError
-    from mergeflow.engine import MergeConfigError, NonFiniteInput, merge_checkpoints
-    from mergeflow.recipe import RecipeError, load_recipe
+    from mergeflow.engine import merge_checkpoints
+    from mergeflow.recipe import load_recipe
 
     try:
         recipe = load_recipe(args.recipe)
@@ -27,7 +26,11 @@ def main(args: argparse.Namespace) -> int:
             recipe=recipe.model_dump(mode="json"),
             dry_run=bool(getattr(args, "dry_run", False)),
         )
-    except (RecipeError, MergeConfigError, CheckpointError, NonFiniteInput) as err:
+    except (ValueError, OSError) as err:
+        # Every error mergeflow raises on purpose is a ValueError whose message names the problem
+        # and the fix (RecipeError, MergeConfigError, CheckpointError, NonFiniteInput, a method's
+        # own checks); OSError is the file system (disk full mid-merge). One line, no traceback:
+        # the output is written atomically, so nothing is left behind either way.
         print(f"mergeflow merge: {err}", file=sys.stderr)
         return 2
     if getattr(args, "dry_run", False):

@@ -138,3 +138,14 @@ def test_merge_command_refuses_before_writing(models, tmp_path, capsys):
     assert merge_main(_args(ok, tmp_path / "o", dry_run=True)) == 0
     assert merge_main(_args(ok, tmp_path / "o", device="cuda:99" if not torch.cuda.is_available() else "nope")) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_command_reports_an_untranslatable_mergekit_recipe_in_one_line(models, tmp_path, capsys):
+    kit = _recipe(models / "kit_bad.yaml", {
+        "merge_method": "ties", "base_model": "base",
+        "models": [{"model": "ft0", "parameters": {"density": 0.2}},
+                   {"model": "ft1", "parameters": {"density": 0.3}}]})
+    assert merge_main(_args(kit, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "density" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
