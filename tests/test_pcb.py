@@ -167,13 +167,13 @@ def _one_task_split_over_two_tensors(values):
 def test_clip_positions_are_the_official_sort_indices():
     # |tau| = 1..10 shuffled, d = 10, clip = 0.1: lo = sorted[int(1.0)] = 2, hi = sorted[int(9.0 - 1)] = 9.
     base, ft = _one_task_split_over_two_tensors([-5.0, 3.0, 10.0, -1.0, 7.0, 2.0, -9.0, 4.0, 8.0, -6.0])
-    _, _, stats = _stats(base, ft, clip=0.1)
+    _, _, stats = _stats(base, ft, clip=0.1, ratio=0.3)  # 0.1 would keep one score of 10
     assert stats[CLIP_LOW].tolist() == [2.0] and stats[CLIP_HIGH].tolist() == [9.0]
     # clip = 0.01: int(0.1) = 0 -> the min; int(9.9 - 1) = 8 -> the 9th smallest, not the max.
-    _, _, stats = _stats(base, ft, clip=0.01)
+    _, _, stats = _stats(base, ft, clip=0.01, ratio=0.3)  # 0.1 would keep one score of 10
     assert stats[CLIP_LOW].tolist() == [1.0] and stats[CLIP_HIGH].tolist() == [9.0]
     # clip = 0: int(0) = 0 and int(10 - 1) = 9: min and max, no clipping.
-    _, _, stats = _stats(base, ft, clip=0.0)
+    _, _, stats = _stats(base, ft, clip=0.0, ratio=0.3)  # 0.1 would keep one score of 10
     assert stats[CLIP_LOW].tolist() == [1.0] and stats[CLIP_HIGH].tolist() == [10.0]
 
 
@@ -330,6 +330,34 @@ def test_recipe_gives_the_in_memory_numbers(tmp_path):
     expected = merge("pcb", base, finetuned, **hp)
     for k in expected:
         assert torch.equal(merged[k], expected[k]), k
+
+
+@pytest.mark.parametrize("ratio", [1 / 1000, 1e-17])  # d = 512: keeps one score; keeps none
+def test_a_ratio_that_keeps_at_most_one_score_is_refused_before_any_read(tmp_path, capsys, ratio):
+    # With one kept score the official cut is the maximum, and its scale is 0/0 everywhere.
+    import argparse
+
+    import yaml
+
+    from mergeflow.checkpoint_writer import save_checkpoint
+    from mergeflow.engine import MergeConfigError
+    from mergeflow.engine.plan import plan_merge
+    from mergeflow.recipe_cli import main
+
+    base, finetuned = random_models(2, 13)
+    assert sum(v.numel() for v in base.values()) == 512
+    for i, sd in enumerate([base, *finetuned]):
+        save_checkpoint(sd, tmp_path / f"m{i}")
+    with pytest.raises(ValueError, match="raise ratio"):
+        merge("pcb", base, finetuned, ratio=ratio)
+    with pytest.raises(MergeConfigError, match="raise ratio to at least 0.00391"):
+        plan_merge("pcb", tmp_path / "m0", [tmp_path / "m1", tmp_path / "m2"], {"ratio": ratio})
+    recipe = {"method": "pcb", "base": "./m0", "models": ["./m1", "./m2"], "hyperparameters": {"ratio": ratio}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    args = argparse.Namespace(recipe=str(tmp_path / "r.yaml"), out=str(tmp_path / "out"), device=None, quiet=True)
+    assert main(args) == 2
+    assert "raise ratio" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert torch.isfinite(merge("pcb", base, finetuned, ratio=2 / 512)["w.a"]).all()  # two kept: valid
 
 
 def test_score_pass_marks_the_entries_that_can_reach_the_cut(tmp_path):

@@ -9,6 +9,7 @@ tensors for elementwise methods, so peak memory is a few chunks whatever the mod
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,11 +106,30 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     elementwise = m.is_elementwise(params)
     units = [u for k in names for u in _units(base, k, k in float_names and elementwise, chunk_elems)]
     plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise)
+    _check_ranks(plan)
     plan.input_bytes = sum(plan.unit_bytes(u) for u in units)
     plan.output_bytes = base.checkpoint.nbytes
     if out_dir is not None:
         _check_disk(Path(out_dir), plan.output_bytes)
     return plan
+
+
+def _check_ranks(plan: MergePlan) -> None:
+    """Every k-th-value rank the stat passes will ask for, computed now from the model's size: a
+    hyperparameter that selects nothing (PCB's ratio on a small model) fails before any read."""
+    numel = {k: math.prod(plan.base.checkpoint.info(k).shape) for k in plan.float_names}
+    for stat_pass in plan.method.stat_passes:
+        for name, how in stat_pass.reductions(plan.params).items():
+            if how.kind != "kth":
+                continue
+            for d in ({sum(numel.values())} if how.scope == "model" else set(numel.values())) - {0}:
+                try:
+                    rank = how.rank(d)
+                except ValueError as err:
+                    raise MergeConfigError(str(err)) from None
+                if not 1 <= rank <= d + 1:
+                    raise MergeConfigError(f"{plan.method.name}: statistic {name} asks for rank {rank} "
+                                           f"of {d} values; check the hyperparameters")
 
 
 def _units(base: TensorSource, name: str, chunked: bool, chunk_elems: int) -> list[Unit]:

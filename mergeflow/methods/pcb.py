@@ -94,9 +94,14 @@ def clip_high_rank(d: int, clip: float) -> int:
 
 
 def score_cut_rank(d: int, ratio: float) -> int:
+    """The cut is sorted(score)[int(d * (1 - ratio))]. At index d - 1 the cut is the maximum, and
+    the official normalisation (clamp(score, cut, max) - cut) / (max - cut) is 0/0 for every
+    entry, whatever the checkpoints: refused here, before any tensor is read."""
     index = int(d * (1 - ratio))
-    if index >= d:
-        raise ValueError(f"pcb ratio={ratio} keeps no entry of a {d}-parameter model; raise ratio")
+    if index >= d - 1:
+        raise ValueError(f"pcb ratio={ratio} keeps {'no entry' if index >= d else 'only the largest score'} "
+                         f"of a {d}-parameter model, where the official scale is 0/0; raise ratio "
+                         f"to at least {2 / d:.3g}")
     return index + 1
 
 
