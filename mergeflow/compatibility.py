@@ -14,7 +14,7 @@ Signature = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class IncompatibleCheckpoints(ValueError):
-    """The models disagree on tensor names, shapes or dtypes."""
+    """The models disagree on tensor names, shapes or dtypes (other than float precision)."""
 
 
 class NonFiniteInput(ValueError):
@@ -46,7 +46,7 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
             (bs, bd), (ms, md) = base[name], sig[name]
             if bs != ms:
                 problems.append(f"{label}: {name} has shape {list(ms)}, the base has {list(bs)}")
-            elif bd != md:
+            elif bd != md and not (bd.is_floating_point and md.is_floating_point):
                 problems.append(f"{label}: {name} has dtype {md}, the base has {bd}")
             if len(problems) >= max_report:
                 break
@@ -55,9 +55,28 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
     if problems:
         raise IncompatibleCheckpoints(
             "checkpoints cannot be merged:\n  - " + "\n  - ".join(problems[:max_report])
-            + "\nAll models must share the base's tensor names, shapes and dtypes "
-            "(fine-tunes of the same pretrained checkpoint)."
+            + "\nAll models must share the base's tensor names, shapes and dtypes (fine-tunes of the "
+            "same pretrained checkpoint); only the precision of float tensors may differ."
         )
+
+
+def precision_notes(base: Signature, models: Sequence[Signature], labels: Sequence[str]) -> list[str]:
+    """One line per model that stores float tensors in another precision than the base.
+
+    Those are merged like the rest: every float tensor is read into float32, so the task vectors
+    are exact differences of the stored values. Worth saying, not refusing: a fine-tune saved in
+    a lower precision than its base carries that rounding in its task vector."""
+    notes = []
+    for label, sig in zip(labels, models, strict=True):
+        differ: dict[tuple[torch.dtype, torch.dtype], int] = {}
+        for name, (_, dtype) in sig.items():
+            base_dtype = base[name][1]
+            if dtype != base_dtype:
+                differ[dtype, base_dtype] = differ.get((dtype, base_dtype), 0) + 1
+        for (dtype, base_dtype), count in sorted(differ.items(), key=str):
+            notes.append(f"{label} stores {count} float tensor(s) as {dtype}, the base as {base_dtype}; "
+                         "all are merged in float32")
+    return notes
 
 
 def check_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:

@@ -34,7 +34,7 @@ ENGINE_CASES = {
     "mismatched shape": (corpus.with_shape, ["shape", "layer.weight"]),
     "mismatched names": (corpus.with_renamed_tensor, ["layer.weight"]),
     "extra tensor": (corpus.with_extra_tensor, ["head.weight"]),
-    "mixed dtypes": (corpus.with_dtype, ["dtype"]),
+    "integer where the base has float": (lambda d: corpus.with_dtype(d, torch.int32), ["dtype"]),
 }
 
 
@@ -56,7 +56,8 @@ def test_engine_refuses_broken_checkpoint(case: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["NaN in weights", "inf in weights",
-                                  "mismatched shape", "mismatched names", "mixed dtypes"])
+                                  "mismatched shape", "mismatched names",
+                                  "integer where the base has float"])
 def test_in_memory_merge_refuses_bad_state_dict(case: str, tmp_path: Path) -> None:
     base, models = corpus.family(tmp_path)
     ENGINE_CASES[case][0](models[0])

@@ -85,6 +85,29 @@ def test_streaming_equals_in_memory_bitwise(zoo, tmp_path, method, hp, n):
     assert result.output_hash == hash_checkpoint(out)
 
 
+@pytest.mark.parametrize("method, hp", [("ties", {"k": 0.3}), ("task_arithmetic", {"lam": 0.4})])
+def test_fine_tunes_in_another_float_precision_merge_in_float32(zoo, tmp_path, capsys, method, hp):
+    # A float16 fine-tune and a bfloat16 one of a float32 base (bf16 lm_head: one fp32 fine-tune):
+    # each model's stored values are read into float32, as the in-memory path does, and the
+    # output keeps the base's dtypes. The plan says so; integer buffers stay strict.
+    fts = [{k: v.half() if v.is_floating_point() else v for k, v in zoo["fts"][0].items()},
+           {k: v.bfloat16() if v.is_floating_point() else v for k, v in zoo["fts"][1].items()},
+           {k: v.float() if v.is_floating_point() else v for k, v in zoo["fts"][2].items()}]
+    dirs = [_write(ft, tmp_path / f"mixed{i}") for i, ft in enumerate(fts)]
+    result = merge_checkpoints(method, zoo["base_dir"], dirs, tmp_path / "out", hp, workers=2,
+                               chunk_elems=50, input_hashes=["h"] * 4)
+    expected = mergeflow.merge(method, zoo["base"], fts, **hp)
+    got = load_state_dict(tmp_path / "out")
+    for k in expected:
+        assert got[k].dtype == zoo["base"][k].dtype == expected[k].dtype, k
+        assert torch.equal(got[k], expected[k]), k
+    assert not torch.equal(got["embed.weight"], mergeflow.merge(method, zoo["base"], zoo["fts"], **hp)["embed.weight"])
+    err = capsys.readouterr().err
+    assert "stores 6 float tensor(s) as torch.float16, the base as torch.float32" in err
+    assert "stores 1 float tensor(s) as torch.float32, the base as torch.bfloat16" in err
+    assert any("float16" in note for note in result.manifest["notes"])
+
+
 @pytest.mark.parametrize("cap, sample", [(10**6, 10**6), (150, 60), (40, 10**6), (1, 10**6)],
                          ids=["keep-all", "sampled-window", "radix-collect", "radix-low-bits"])
 def test_ties_thresholds_exact_in_every_selection_mode(zoo, tmp_path, cap, sample):

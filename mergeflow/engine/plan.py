@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-from mergeflow.compatibility import IncompatibleCheckpoints, check_compatible, is_mergeable
+from mergeflow.compatibility import (
+    IncompatibleCheckpoints,
+    check_compatible,
+    is_mergeable,
+    precision_notes,
+)
 from mergeflow.engine.reader import TensorSource
 from mergeflow.methods import Hyperparams, MergeMethod, get_method
 
@@ -57,7 +62,7 @@ class MergePlan:
     elementwise: bool
     input_bytes: int = 0
     output_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # printed with the estimate (e.g. mixed float precision)
     # (tensor, offset) -> packed bits of the unit's entries a stat pass marked (Reduce.marks_candidates)
     candidates: dict[tuple[str, int], object] | None = None
 
@@ -66,9 +71,9 @@ class MergePlan:
         return len(self.models)
 
     def unit_bytes(self, unit: Unit) -> int:
-        """Bytes read for one unit (base and every model)."""
-        itemsize = self.base.checkpoint.info(unit.name).dtype.itemsize
-        return unit.elems * itemsize * (1 + (self.n if unit.name in self.float_names else 0))
+        """Bytes read for one unit (base and every model; the base only for non-float tensors)."""
+        sources = [self.base, *self.models] if unit.name in self.float_names else [self.base]
+        return unit.elems * sum(src.checkpoint.info(unit.name).dtype.itemsize for src in sources)
 
     def close(self) -> None:
         for src in [self.base, *self.models]:
@@ -95,8 +100,9 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     models = [TensorSource(d, allow_pickle=allow_pickle) for d in model_dirs]
     labels = [str(d) for d in model_dirs]
     _check_vocab(base, models, labels)
+    signatures = [s.checkpoint.signature() for s in models]
     try:
-        check_compatible(base.checkpoint.signature(), [s.checkpoint.signature() for s in models], labels)
+        check_compatible(base.checkpoint.signature(), signatures, labels)
     except IncompatibleCheckpoints as err:
         raise MergeConfigError(str(err)) from None
     if out_dir is not None:
@@ -105,7 +111,8 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     float_names = {k for k in names if is_mergeable(base.checkpoint.info(k).dtype)}
     elementwise = m.is_elementwise(params)
     units = [u for k in names for u in _units(base, k, k in float_names and elementwise, chunk_elems)]
-    plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise)
+    plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise,
+                     notes=precision_notes(base.checkpoint.signature(), signatures, labels))
     _check_ranks(plan)
     plan.input_bytes = sum(plan.unit_bytes(u) for u in units)
     plan.output_bytes = base.checkpoint.nbytes

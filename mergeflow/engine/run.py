@@ -98,6 +98,8 @@ def merge_checkpoints(
     try:
         if progress or dry_run:
             print(estimate(plan, workers), file=sys.stderr)
+            for note in plan.notes:
+                print(f"mergeflow: note: {note}", file=sys.stderr)
         if dry_run:
             return plan
         hashes = list(input_hashes) if input_hashes is not None else _content_hashes(
@@ -235,6 +237,7 @@ def _manifest(plan: MergePlan, stats: GlobalStats, hashes: list[str], output_has
         "merged_tensors": len(plan.float_names),
         "global_stats": {k: v.tolist() for k, v in stats.items()},
         "side_files": side_files,
+        "notes": plan.notes,
         "recipe": recipe,
     }
 

@@ -26,10 +26,16 @@ from mergeflow.methods import TensorGroup
 
 
 def read_stacked(plan: MergePlan, unit: Unit) -> torch.Tensor:
-    """The unit's entries of the base and every model, in their stored dtype: (n + 1, elems)."""
-    raw = torch.empty((plan.n + 1, unit.elems), dtype=plan.base.checkpoint.info(unit.name).dtype)
-    for i, src in enumerate([plan.base, *plan.models]):
-        src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
+    """The unit's entries of the base and every model, (n + 1, elems), in their stored dtype, or
+    in float32 where the models store this tensor in different float precisions."""
+    sources = [plan.base, *plan.models]
+    dtypes = {src.checkpoint.info(unit.name).dtype for src in sources}
+    raw = torch.empty((plan.n + 1, unit.elems), dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    for i, src in enumerate(sources):
+        if src.checkpoint.info(unit.name).dtype == raw.dtype:
+            src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
+        else:
+            raw[i].copy_(src.read(unit.name, unit.row_start, unit.row_end).reshape(-1))
     return raw
 
 
