@@ -61,7 +61,7 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
 
 
 def precision_notes(base: Signature, models: Sequence[Signature], labels: Sequence[str]) -> list[str]:
-    """One line per model that stores float tensors in another precision than the base.
+    """One line per model and stored dtype where float tensors differ in precision from the base.
 
     Those are merged like the rest: every float tensor is read into float32, so the task vectors
     are exact differences of the stored values. Worth saying, not refusing: a fine-tune saved in

@@ -100,8 +100,8 @@ def score_cut_rank(d: int, ratio: float) -> int:
     index = int(d * (1 - ratio))
     if index >= d - 1:
         raise ValueError(f"pcb ratio={ratio} keeps {'no entry' if index >= d else 'only the largest score'} "
-                         f"of a {d}-parameter model, where the official scale is 0/0; raise ratio "
-                         f"to at least {2 / d:.3g}")
+                         f"of a {d}-parameter model (the official scale divides by max - cut, so it "
+                         f"needs two); raise ratio to at least {2 / d:.3g}")
     return index + 1
 
 
