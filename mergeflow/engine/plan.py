@@ -100,9 +100,9 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     models = [TensorSource(d, allow_pickle=allow_pickle) for d in model_dirs]
     labels = [str(d) for d in model_dirs]
     _check_vocab(base, models, labels)
-    signatures = [s.checkpoint.signature() for s in models]
+    base_signature, signatures = base.checkpoint.signature(), [s.checkpoint.signature() for s in models]
     try:
-        check_compatible(base.checkpoint.signature(), signatures, labels)
+        check_compatible(base_signature, signatures, labels)
     except IncompatibleCheckpoints as err:
         raise MergeConfigError(str(err)) from None
     if out_dir is not None:
@@ -112,7 +112,7 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     elementwise = m.is_elementwise(params)
     units = [u for k in names for u in _units(base, k, k in float_names and elementwise, chunk_elems)]
     plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise,
-                     notes=precision_notes(base.checkpoint.signature(), signatures, labels))
+                     notes=precision_notes(base_signature, signatures, labels))
     _check_ranks(plan)
     plan.input_bytes = sum(plan.unit_bytes(u) for u in units)
     plan.output_bytes = base.checkpoint.nbytes
@@ -141,9 +141,7 @@ def _check_ranks(plan: MergePlan) -> None:
 
 def _units(base: TensorSource, name: str, chunked: bool, chunk_elems: int) -> list[Unit]:
     shape = base.checkpoint.info(name).shape
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     if not chunked or not shape or numel <= chunk_elems:
         return [Unit(name, None, None, numel, 0)]
     row = numel // shape[0] if shape[0] else 1

@@ -29,10 +29,10 @@ def read_stacked(plan: MergePlan, unit: Unit) -> torch.Tensor:
     """The unit's entries of the base and every model, (n + 1, elems), in their stored dtype, or
     in float32 where the models store this tensor in different float precisions."""
     sources = [plan.base, *plan.models]
-    dtypes = {src.checkpoint.info(unit.name).dtype for src in sources}
-    raw = torch.empty((plan.n + 1, unit.elems), dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    for i, src in enumerate(sources):
-        if src.checkpoint.info(unit.name).dtype == raw.dtype:
+    dtypes = [src.checkpoint.info(unit.name).dtype for src in sources]
+    raw = torch.empty((plan.n + 1, unit.elems), dtype=dtypes[0] if len(set(dtypes)) == 1 else torch.float32)
+    for i, (src, dtype) in enumerate(zip(sources, dtypes, strict=True)):
+        if dtype == raw.dtype:
             src.read(unit.name, unit.row_start, unit.row_end, out=raw[i])
         else:
             raw[i].copy_(src.read(unit.name, unit.row_start, unit.row_end).reshape(-1))
