@@ -20,7 +20,11 @@ file stat, as in real use) and not counted.
     python bench/bench_engine.py --size 0.5b --repeat 3  # fastest of 3 runs a case (noisy machines)
 
 The input files are read once, untimed, before the first case, so every case starts with them
-in the page cache.
+in the page cache. With `--cold`, every case starts with them evicted from it instead
+(posix_fadvise DONTNEED, no root needed): the first read of each input comes from the disk, as
+when merging checkpoints that were just downloaded, or ones too large for the page cache.
+
+    python bench/bench_engine.py --size 0.5b --cold --repeat 3
 """
 
 from __future__ import annotations
@@ -110,10 +114,24 @@ def _warm_page_cache(root: Path, models: int) -> None:
                     pass
 
 
+def _evict_page_cache(root: Path, models: int) -> None:
+    """Drop every input file's cached pages (they are clean, so the kernel just forgets them)."""
+    base, fts = _dirs(root, models)
+    for d in [base, *fts]:
+        for f in sorted(d.glob("*.safetensors")):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def _run_case(a: argparse.Namespace, root: Path, case: str) -> dict:
     out = root.parent / f"{root.name}_out_{case.replace('/', '_')}"
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # untimed: no earlier write-back competes with this case for the 2 CPUs
+    if a.cold:
+        _evict_page_cache(root, a.models)
     proc = subprocess.run([sys.executable, __file__, "--size", a.size, "--models", str(a.models),
                            "--root", str(root), "--child", case, "--out", str(out),
                            "--device", a.device, *(["--workers", str(a.workers)] if a.workers else [])],
@@ -134,6 +152,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where the engine does its math (cpu, cuda)")
     p.add_argument("--workers", type=int, default=None, help="engine threads (default: the engine's, min(4, usable CPUs))")
     p.add_argument("--repeat", type=int, default=1, help="runs per case; the table shows the fastest")
+    p.add_argument("--cold", action="store_true", help="start every case with the inputs evicted from the page cache")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -144,7 +163,8 @@ def main() -> None:
     if not (root / f"ft{a.models - 1}").exists():
         subprocess.run([sys.executable, str(HERE / "make_llama.py"), "--size", a.size, "--models",
                         str(a.models), "--out", str(root)], check=True)
-    _warm_page_cache(root, a.models)
+    if not a.cold:
+        _warm_page_cache(root, a.models)
     # Repeats go round the cases (floor, TA, ..., floor, TA, ...), not case by case, so a slow
     # spell of the shared machine does not land on every run of one case.
     cases = a.cases.split(",")
@@ -158,7 +178,7 @@ def main() -> None:
     floor = next((r for r in rows if r["case"] == "floor"), None)
     load = os.getloadavg()[0]
     print(f"\nengine benchmark: Llama {a.size}, base + {a.models} fine-tunes (bf16), "
-          f"{usable_cpus()} CPU(s), device {a.device}, load average {load:.1f} at the end")
+          f"{usable_cpus()} CPU(s), device {a.device}, inputs {'cold (read from disk)' if a.cold else 'in the page cache'}, load average {load:.1f} at the end")
     print(f"{'case':<18}{'wall s':>9}{'x floor':>9}{'CPU s':>9}{'x floor':>9}{'peak RSS MiB':>14}")
     for r in rows:
         wall_ratio = f"{r['wall_s'] / floor['wall_s']:.2f}" if floor else "-"
