@@ -382,3 +382,86 @@ def test_empty_and_scalar_tensors_stream_like_in_memory(tmp_path, method, hp):
                       kth_cap=50, kth_sample=40)
     got, expected = load_state_dict(tmp_path / "out"), mergeflow.merge(method, base, fts, **hp)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+
+def _resident_pages(path, start: int, length: int) -> float:
+    """The share of the file's pages covering [start, start + length) that are in the page cache."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    page = mmap.PAGESIZE
+    first, last = start // page, (start + length - 1) // page
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        address = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        flags = (ctypes.c_ubyte * (len(mm) // page + 1))()
+        if ctypes.CDLL(None).mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(mm)), flags) != 0:
+            pytest.skip("mincore is not available here")
+    return sum(flags[i] & 1 for i in range(first, last + 1)) / (last - first + 1)
+
+
+def test_prefetch_asks_the_os_for_exactly_the_rows_read_next(tmp_path):
+    # run_units hints each unit's byte range ahead of the workers (posix_fadvise WILLNEED).
+    # A hint must cover the unit's rows and nothing else: an empty tensor's length of 0 would
+    # mean "the whole rest of the file" to the OS.
+    import os
+    import time
+
+    from safetensors.torch import save_file
+
+    from mergeflow.engine.reader import TensorSource
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this OS")
+    file = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(512, 4096), "b_empty": torch.zeros(0, 4), "c": torch.ones(512, 4096)}, file)
+    source = TensorSource(file)
+    (_, a_at), (_, c_at) = source._location["a"], source._location["c"]
+    row = 4096 * 4
+    fd = os.open(file, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if _resident_pages(file, a_at, 512 * row) > 0.1:
+        pytest.skip("this file system keeps the file cached (tmpfs?): nothing to observe")
+    try:
+        source.prefetch("b_empty")
+        source.prefetch("c", 100, 300)
+        # The reads it starts complete in the background (mincore counts pages once read).
+        deadline = time.monotonic() + 10
+        while _resident_pages(file, c_at + 100 * row, 200 * row) < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _resident_pages(file, c_at + 100 * row, 200 * row) == 1.0
+        time.sleep(0.2)  # time for any read wrongly asked for next to it to complete too
+        assert _resident_pages(file, a_at, 512 * row) == 0.0
+        assert _resident_pages(file, c_at + 310 * row, 200 * row) == 0.0
+    finally:
+        source.close()
+
+
+def test_run_units_hints_every_unit_once_in_order_and_a_bounded_distance_ahead(zoo, monkeypatch):
+    from mergeflow.engine import units as engine_units
+    from mergeflow.engine.plan import plan_merge
+
+    plan = plan_merge("task_arithmetic", zoo["base_dir"], zoo["ft_dirs"], {}, chunk_elems=16)
+    ahead = 3 * max(plan.unit_bytes(u) for u in plan.units)
+    monkeypatch.setattr(engine_units, "READ_AHEAD_BYTES", ahead)
+    events = []
+    monkeypatch.setattr(plan, "prefetch", lambda unit: events.append(("hint", unit)))
+    try:
+        done = list(engine_units.run_units(plan, plan.units, lambda u: events.append(("work", u)) or u,
+                                           2, False, "test"))
+    finally:
+        plan.close()
+    assert done == plan.units
+    hinted = [u for kind, u in events if kind == "hint"]
+    assert hinted == plan.units  # each once, in order
+    largest = max(plan.unit_bytes(u) for u in plan.units)
+    for i, unit in enumerate(plan.units):  # hinted before its work starts, never too far ahead
+        starts = events.index(("work", unit))
+        assert events.index(("hint", unit)) < starts
+        hinted_by_then = sum(1 for kind, _ in events[:starts] if kind == "hint")
+        # at most workers + 1 = 3 units are submitted past unit i, and hints stop `ahead` past those
+        assert sum(plan.unit_bytes(u) for u in plan.units[i + 1:hinted_by_then]) <= ahead + 4 * largest

@@ -70,10 +70,18 @@ class MergePlan:
     def n(self) -> int:
         return len(self.models)
 
+    def sources(self, unit: Unit) -> list[TensorSource]:
+        """The checkpoints a unit reads: base and every model; the base only for non-float tensors."""
+        return [self.base, *self.models] if unit.name in self.float_names else [self.base]
+
     def unit_bytes(self, unit: Unit) -> int:
-        """Bytes read for one unit (base and every model; the base only for non-float tensors)."""
-        sources = [self.base, *self.models] if unit.name in self.float_names else [self.base]
-        return unit.elems * sum(src.checkpoint.info(unit.name).dtype.itemsize for src in sources)
+        """Bytes read for one unit."""
+        return unit.elems * sum(src.checkpoint.info(unit.name).dtype.itemsize for src in self.sources(unit))
+
+    def prefetch(self, unit: Unit) -> None:
+        """Start reading a unit's inputs into the page cache, without waiting for them."""
+        for src in self.sources(unit):
+            src.prefetch(unit.name, unit.row_start, unit.row_end)
 
     def close(self) -> None:
         for src in [self.base, *self.models]:

@@ -4,12 +4,15 @@ The engine reads with `os.preadv` straight into a fresh tensor instead of memory
 mapped file's touched pages count toward the process's resident memory until it is unmapped,
 so mapping K models of several GB would make peak RSS grow with the model size. A positioned
 read keeps memory at the few chunks in flight, and releases the GIL so reads overlap the math.
+`prefetch` tells the OS which bytes come next (run_units hints a little ahead of its workers), so
+reads from a cold page cache overlap the math too.
 Pickle checkpoints (opt-in) are served from their in-memory state dict.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -71,13 +74,32 @@ class TensorSource:
             self._pread(file, offset + row_start * row_elems * itemsize, buf)
         return buf.view(info.dtype).reshape(out_shape) if out is None else out
 
-    def _pread(self, file: Path, offset: int, buf: torch.Tensor) -> None:
+    def prefetch(self, name: str, row_start: int | None = None, row_end: int | None = None) -> None:
+        """Ask the OS to start reading tensor `name` (or its rows) into the page cache and return
+        at once; a later `read` finds the bytes there. A no-op without posix_fadvise, and for
+        pickle checkpoints (already in memory)."""
+        if name not in self._location or not hasattr(os, "posix_fadvise"):
+            return
+        info = self.checkpoint.info(name)
+        row_bytes = info.dtype.itemsize * math.prod(info.shape[1:])
+        if row_start is None or not info.shape:
+            row_start, row_end = 0, (info.shape[0] if info.shape else 1)
+        nbytes = (row_end - row_start) * row_bytes
+        if nbytes:  # a length of 0 would mean "to the end of the file"
+            file, offset = self._location[name]
+            os.posix_fadvise(self._fd(file), offset + row_start * row_bytes, nbytes, os.POSIX_FADV_WILLNEED)
+
+    def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
             with self._lock:
                 fd = self._fds.get(file)
                 if fd is None:
                     fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def _pread(self, file: Path, offset: int, buf: torch.Tensor) -> None:
+        fd = self._fd(file)
         view = memoryview(buf.numpy())
         done = 0
         while done < len(view):

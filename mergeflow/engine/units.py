@@ -13,7 +13,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -23,6 +23,8 @@ from mergeflow.compatibility import check_finite
 from mergeflow.engine.memory import TRIM_EVERY_BYTES, trim_malloc
 from mergeflow.engine.plan import MergePlan, Unit
 from mergeflow.methods import TensorGroup
+
+READ_AHEAD_BYTES = 64 << 20  # input bytes the OS is asked to read ahead of the units in work
 
 
 def read_stacked(plan: MergePlan, unit: Unit) -> torch.Tensor:
@@ -72,12 +74,17 @@ def run_units(plan: MergePlan, units: Sequence[Unit], work: Callable[[Unit], obj
     """work(unit) on a thread pool; yields results in unit order, few in flight."""
     bar = _bar(sum(plan.unit_bytes(u) for u in units), label) if progress else None
     since_trim = 0
+    read_ahead = _ReadAhead(plan, units)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow") as pool:
+            def submit(unit: Unit) -> Future:
+                read_ahead.submitted(unit)
+                return pool.submit(work, unit)
+
             pending: deque = deque()
             it = iter(units)
             for unit in it:
-                pending.append((unit, pool.submit(work, unit)))
+                pending.append((unit, submit(unit)))
                 if len(pending) >= workers + 1:
                     break
             while pending:
@@ -90,7 +97,7 @@ def run_units(plan: MergePlan, units: Sequence[Unit], work: Callable[[Unit], obj
                     raise
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(work, nxt)))
+                    pending.append((nxt, submit(nxt)))
                 if bar is not None:
                     bar.update(plan.unit_bytes(unit))
                 since_trim += plan.unit_bytes(unit)
@@ -101,6 +108,30 @@ def run_units(plan: MergePlan, units: Sequence[Unit], work: Callable[[Unit], obj
     finally:
         if bar is not None:
             bar.close()
+
+
+class _ReadAhead:
+    """Asks the OS to read the inputs of the units READ_AHEAD_BYTES ahead of the last one submitted.
+
+    A worker's positioned read then finds its bytes cached or already on their way. From a cold
+    page cache the kernel's own read-ahead did not keep up with two workers reading neighbouring
+    units of the same files: at 0.5B (base + 3, bf16) reading and writing everything took 3.5
+    to 4.1 s, 2.0 to 2.3 s with these hints.
+    """
+
+    def __init__(self, plan: MergePlan, units: Sequence[Unit]) -> None:
+        self.plan, self.units = plan, units
+        self.hinted = 0  # units[:hinted] have been prefetched
+        self.hinted_bytes = 0  # their input bytes
+        self.submitted_bytes = 0
+
+    def submitted(self, unit: Unit) -> None:
+        """`unit`, the next in order, was handed to a worker."""
+        self.submitted_bytes += self.plan.unit_bytes(unit)
+        while self.hinted < len(self.units) and self.hinted_bytes < self.submitted_bytes + READ_AHEAD_BYTES:
+            self.plan.prefetch(self.units[self.hinted])
+            self.hinted_bytes += self.plan.unit_bytes(self.units[self.hinted])
+            self.hinted += 1
 
 
 def _bar(total: int, label: str):
