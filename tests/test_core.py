@@ -45,6 +45,34 @@ def test_single_and_sharded_round_trip(tmp_path):
     assert hash_checkpoint(save_checkpoint(sd2, tmp_path / "other")) != hash_checkpoint(single)
 
 
+def test_content_hash_streams_blocks_of_the_defined_bytes(tmp_path):
+    # hash_checkpoint = sha256 over [name, dtype, shape] and the tensor's bytes, in name order;
+    # it reads safetensors in row blocks, which must add up to exactly those bytes.
+    import hashlib
+
+    from mergeflow.engine.reader import TensorSource
+
+    sd = dict(_state(0), wide=torch.randn(3, 1000), empty=torch.zeros(0, 5), scalar=torch.tensor(2.5),
+              long=torch.arange(5000, dtype=torch.int64))
+    path = save_checkpoint(sd, tmp_path / "m", max_shard_bytes=8000)
+    expected = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name]
+        expected.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        expected.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert hash_checkpoint(path) == expected.hexdigest()
+    source = TensorSource(path)
+    try:
+        for name, t in sd.items():  # blocks of at most 1000 bytes, or of one row that is larger
+            blocks = [b.reshape(-1) for b in source.read_blocks(name, block_bytes=1000)]
+            assert torch.equal(torch.cat(blocks) if blocks else t.new_empty(0), t.reshape(-1))
+            rows_per_block = [len(b) // max(1, t[0].numel()) if t.dim() else 1 for b in blocks]
+            assert all(len(b) * t.element_size() <= 1000 or rows == 1
+                       for b, rows in zip(blocks, rows_per_block, strict=True))
+        assert len(list(source.read_blocks("long", block_bytes=1000))) == 40  # 125 rows of 8 bytes each
+    finally:
+        source.close()
+
 def test_lazy_metadata_reads_no_tensor(tmp_path):
     path = save_checkpoint(_state(0), tmp_path / "m")
     ckpt = Checkpoint(path)

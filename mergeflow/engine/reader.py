@@ -16,6 +16,7 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -73,6 +74,18 @@ class TensorSource:
             file, offset = self._location[name]
             self._pread(file, offset + row_start * row_elems * itemsize, buf)
         return buf.view(info.dtype).reshape(out_shape) if out is None else out
+
+    def read_blocks(self, name: str, block_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
+        """Tensor `name` as consecutive blocks of whole rows, about `block_bytes` each (one row
+        at least), in order: its bytes without holding the tensor in memory."""
+        shape = self.checkpoint.info(name).shape
+        if not shape:
+            yield self.read(name)
+            return
+        row_bytes = self.checkpoint.info(name).dtype.itemsize * math.prod(shape[1:])
+        step = max(1, block_bytes // max(1, row_bytes))
+        for start in range(0, shape[0], step):
+            yield self.read(name, start, min(shape[0], start + step))
 
     def prefetch(self, name: str, row_start: int | None = None, row_end: int | None = None) -> None:
         """Ask the OS to start reading tensor `name` (or its rows) into the page cache and return
