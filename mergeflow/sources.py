@@ -30,6 +30,7 @@ import importlib
 import json
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -322,6 +323,11 @@ def _hash_cache_dir() -> Path:
     return Path(os.environ.get("MERGEFLOW_HASH_CACHE") or Path.home() / ".cache" / "mergeflow" / "hashes")
 
 
+def content_hash_is_cached(path: str | Path) -> bool:
+    """Whether `path`'s content hash is on disk already (resolving it then reads no tensor)."""
+    return (_hash_cache_dir() / f"{stat_fingerprint(path)}.json").exists()
+
+
 def _cached_content_hash(path: Path, *, allow_pickle: bool) -> tuple[str, int, int]:
     key = stat_fingerprint(path)
     entry = _hash_cache_dir() / f"{key}.json"
@@ -337,7 +343,7 @@ def _cached_content_hash(path: Path, *, allow_pickle: bool) -> tuple[str, int, i
     }
     try:  # atomic: a reader never sees half an entry; a read-only cache only costs time
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_suffix(f".tmp{os.getpid()}")
+        tmp = entry.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")  # callers may be threads
         tmp.write_text(json.dumps(record))
         tmp.replace(entry)
     except OSError:
