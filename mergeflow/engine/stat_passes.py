@@ -9,6 +9,8 @@ NaN/inf. A method's fused last pass (TIES's majority sign) is not run here but i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mergeflow.engine.plan import MergePlan, Unit
@@ -62,11 +64,12 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
         members.setdefault(key(u), []).append(u)
     cap = min(kth_cap, TENSOR_CAP) if per_tensor else kth_cap
     reductions = {k: PassReduction(how, cap=cap) for k in members}
-    for k, reduction in reductions.items():
-        if reduction.wants_sample() and plan.elementwise:
-            _set_windows(plan, stat_pass, reduction, stats, members[k], workers,
-                         min(kth_sample, TENSOR_SAMPLE) if per_tensor else kth_sample,
-                         keep_all_below=TENSOR_KEEP_ALL if per_tensor else None)
+    if plan.elementwise:
+        samples = {k: _sample_rows(plan, reduction, members[k],
+                                   min(kth_sample, TENSOR_SAMPLE) if per_tensor else kth_sample,
+                                   keep_all_below=TENSOR_KEEP_ALL if per_tensor else None)
+                   for k, reduction in reductions.items() if reduction.wants_sample()}
+        _set_windows(plan, stat_pass, stats, reductions, samples, members, key, workers)
     results: dict[str, torch.Tensor] = {}
     todo, round_no = units, 0
     while todo:
@@ -96,30 +99,43 @@ def separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:
     return passes[:-1] if plan.method.fused_last_pass is not None else passes
 
 
-def _set_windows(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, stats: GlobalStats,
-                 units: list[Unit], workers: int, sample_target: int, keep_all_below: int | None = None) -> None:
-    """Sample an evenly spread share of the rows to place the k-th value windows (one cheap pass)."""
+def _sample_rows(plan: MergePlan, reduction: PassReduction, units: list[Unit], sample_target: int,
+                 keep_all_below: int | None = None) -> list[Unit]:
+    """The evenly spread rows to sample to place `reduction`'s k-th value windows; none (and the
+    reduction keeps every value) when there are few values."""
     total = sum(u.elems for u in units)
-    sources = {h.source for h in reduction.reductions.values() if h.kind == "kth"}
-    if total <= min(reduction.cap, keep_all_below or reduction.cap):  # few values: keep them all
+    if total <= min(reduction.cap, keep_all_below or reduction.cap):
         reduction.keep_all()
-        return
+        return []
     # The window must hold at most ~0.8 cap values: its width is ~8 sqrt(q (1 - q) / s) of the
     # total, so a model with many more values than `cap` needs a larger sample (7B: ~5M values
     # a row, 0.1 % of a read) or its k-th values fall back to two more radix passes.
     sample_target = max(sample_target, min(MAX_SAMPLE, int((8 * total / reduction.cap) ** 2)))
-    subs = _systematic_rows(plan, units, min(1.0, sample_target / max(1, total)))
+    return _systematic_rows(plan, units, min(1.0, sample_target / max(1, total)))
 
-    def work(sub: Unit):
+
+def _set_windows(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats,
+                 reductions: dict[str | None, PassReduction], samples: dict[str | None, list[Unit]],
+                 members: dict[str | None, list[Unit]], key: Callable[[Unit], str | None], workers: int) -> None:
+    """Read the sampled rows of every reduction (one cheap pass, one thread pool for all of them:
+    per-tensor thresholds have a reduction per tensor) and place their windows."""
+    wanted = {k: {h.source for h in reductions[k].reductions.values() if h.kind == "kth"} for k in samples}
+
+    def work(sub: Unit) -> dict[str, torch.Tensor]:
         values = stat_pass.values(read_group(plan, sub, check_finite=False), plan.params, stats)
-        return {s: values[s].reshape(values[s].shape[0], -1).to(torch.float32).cpu() for s in sources if s in values}
+        return {s: values[s].reshape(values[s].shape[0], -1).to(torch.float32).cpu()
+                for s in wanted[key(sub)] if s in values}
 
-    collected: dict[str, list[torch.Tensor]] = {s: [] for s in sources}
-    for part in run_units(plan, subs, work, workers, False, "sample"):
+    subs = [sub for k in samples for sub in samples[k]]
+    collected: dict[str | None, dict[str, list[torch.Tensor]]] = {k: {s: [] for s in wanted[k]} for k in samples}
+    for sub, part in zip(subs, run_units(plan, subs, work, workers, False, "sample"), strict=True):
         for s, v in part.items():
-            collected[s].append(v)
-    reduction.set_windows({s: torch.cat(parts, dim=1) for s, parts in collected.items() if parts},
-                          {s: total for s in sources})
+            collected[key(sub)][s].append(v)
+    for k, parts in collected.items():
+        if samples[k]:
+            total = sum(u.elems for u in members[k])
+            reductions[k].set_windows({s: torch.cat(p, dim=1) for s, p in parts.items() if p},
+                                      {s: total for s in wanted[k]})
 
 
 def _systematic_rows(plan: MergePlan, units: list[Unit], fraction: float) -> list[Unit]:
