@@ -70,7 +70,7 @@ def pcb_components(base: StateDict, finetuned: Sequence[StateDict], **hparams: A
         return TensorGroup(name, base[name].to(torch.float32),
                            torch.stack([sd[name].to(torch.float32) for sd in finetuned]))
 
-    stats = global_stats(m, params, (group(k) for k in names))
+    stats = global_stats(m, params, lambda: (group(k) for k in names))
     check_score_stats(stats)
     return {k: clipped_and_scale(group(k), params, stats) for k in names}
 

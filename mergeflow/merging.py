@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from mergeflow.compatibility import check_compatible, check_finite, is_mergeable, signature_of
-from mergeflow.methods import GlobalStats, MergeMethod, TensorGroup, get_method
+from mergeflow.methods import GlobalStats, Hyperparams, MergeMethod, TensorGroup, get_method
 from mergeflow.methods.base import tensor_stat
 from mergeflow.statistics import reduce_all, reduce_rows
 
@@ -37,7 +37,7 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparam
             models=torch.stack([sd[name].to(torch.float32) for sd in finetuned]),
         )
 
-    stats = global_stats(m, params, (group(k) for k in float_names))
+    stats = global_stats(m, params, lambda: (group(k) for k in float_names))
     merged = {}
     for name in sorted(base):
         if name in float_names:
@@ -47,17 +47,21 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparam
     return merged
 
 
-def global_stats(method: MergeMethod, params, groups_factory) -> GlobalStats:
-    """Run the method's stat passes over all tensors in memory (exact reference semantics)."""
-    groups = list(groups_factory)
+def global_stats(method: MergeMethod, params: Hyperparams,
+                 groups: Callable[[], Iterable[TensorGroup]]) -> GlobalStats:
+    """Run the method's stat passes over all tensors in memory (exact reference semantics).
+
+    `groups()` yields the TensorGroups afresh for each pass, so only the pass's values are held
+    across tensors, not every tensor's float32 copy of every model.
+    """
     stats: dict[str, torch.Tensor] = {}
     for stat_pass in method.stat_passes:
         reductions = stat_pass.reductions(params)
         per_model = {k: how for k, how in reductions.items() if how.scope == "model"}
         per_tensor = {k: how for k, how in reductions.items() if how.scope == "tensor"}
-        needed = {how.source for how in per_model.values()}  # only these are concatenated
+        needed = {how.source for how in per_model.values()}  # only these are kept across tensors
         collected: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for g in groups:
+        for g in groups():
             values = stat_pass.values(g, params, stats)
             for source in needed & values.keys():
                 collected[source].append(values[source])

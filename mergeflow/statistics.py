@@ -31,6 +31,13 @@ def reduce_rows(values: torch.Tensor, how: Reduce) -> torch.Tensor:
 def reduce_all(
     collected: Mapping[str, list[torch.Tensor]], reductions: Mapping[str, Reduce]
 ) -> dict[str, torch.Tensor]:
-    """Concatenate each source's per-tensor values along dim 1 and reduce them."""
-    rows = {src: torch.cat([v.reshape(v.shape[0], -1) for v in vals], dim=1) for src, vals in collected.items()}
-    return {name: reduce_rows(rows[how.source], how) for name, how in reductions.items()}
+    """Reduce each source's per-tensor values as if concatenated along dim 1 (the whole model).
+
+    One row (task) at a time: only that row's concatenation is in memory, not all of them.
+    """
+    out = {}
+    for name, how in reductions.items():
+        values = [v.reshape(v.shape[0], -1) for v in collected[how.source]]
+        rows = [reduce_rows(torch.cat([v[r] for v in values]).unsqueeze(0), how) for r in range(values[0].shape[0])]
+        out[name] = torch.cat(rows)
+    return out

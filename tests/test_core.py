@@ -143,3 +143,34 @@ def test_merge_keeps_dtype_and_refuses_mismatches():
         mergeflow.merge("tie", base, [ft])
     with pytest.raises(ValueError, match="lamb"):
         mergeflow.merge("task_arithmetic", base, [ft], lamb=1.0)
+
+
+def test_finite_check_sees_every_nan_and_inf_and_trusts_large_finite_values():
+    # check_finite sums first; a sum that overflows from finite values must not be an error,
+    # and NaN/inf must be found in every float dtype (float8 has no isfinite of its own).
+    from mergeflow.compatibility import NonFiniteInput, check_finite
+
+    check_finite("w", [torch.full((10,), 3e38), torch.full((4,), 6e4).half()], ["a", "b"])
+    check_finite("w", [torch.ones(3).to(torch.float8_e4m3fn)], ["a"])
+    bad = [torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 1.0]).bfloat16(),
+           torch.tensor([1e38, float("-inf")]).half(), torch.tensor([float("nan")]).to(torch.float8_e4m3fn),
+           torch.tensor([3e38, -3e38, float("nan")]).double()]
+    for t in bad:
+        with pytest.raises(NonFiniteInput, match="model 1: tensor w contains NaN or inf"):
+            check_finite("w", [torch.zeros(2), t], ["model 0", "model 1"])
+
+
+def test_whole_model_reductions_row_by_row_equal_the_concatenation():
+    # reduce_all reduces one task row at a time (memory) and must give what reducing the
+    # concatenated (tasks, whole model) matrix gives.
+    from mergeflow.methods import Reduce
+    from mergeflow.statistics import reduce_all, reduce_rows
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randint(-3, 4, (3, *s), generator=g).float() for s in [(5, 4), (7,), (1,), (2, 3, 2)]]
+    how = {"kth": Reduce("v", "kth", rank=lambda d: d - 5), "min": Reduce("v", "min"),
+           "max": Reduce("v", "max"), "sum": Reduce("v", "sum")}
+    got = reduce_all({"v": parts}, how)
+    whole = torch.cat([p.reshape(3, -1) for p in parts], dim=1)
+    for name, h in how.items():
+        assert torch.equal(got[name], reduce_rows(whole, h)), name

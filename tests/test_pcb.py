@@ -94,7 +94,7 @@ def _stats(base, finetuned, **hp):
     groups = [
         TensorGroup(k, base[k].float(), torch.stack([sd[k].float() for sd in finetuned])) for k in sorted(base)
     ]
-    return params, groups, global_stats(m, params, groups)
+    return params, groups, global_stats(m, params, lambda: groups)
 
 
 # ---- exactness against the official code ---------------------------------------------------------

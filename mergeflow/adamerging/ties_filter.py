@@ -55,7 +55,7 @@ def ties_selected_task_vectors(
         stack = torch.stack([tv[name].detach().to(torch.float32) for tv in task_vectors])
         return TensorGroup(name=name, base=torch.zeros_like(stack[0]), models=stack)
 
-    stats = global_stats(get_method("ties"), ties_selection_params(k), (group(n) for n in names))
+    stats = global_stats(get_method("ties"), ties_selection_params(k), lambda: (group(n) for n in names))
     out: list[dict[str, torch.Tensor]] = [{} for _ in task_vectors]
     for name in names:
         selected = selected_entries(group(name).deltas, stats)
