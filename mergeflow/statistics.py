@@ -1,4 +1,9 @@
-"""Exact reductions of StatPass values, in memory (the reference the streaming engine must match)."""
+"""Exact reductions of StatPass values, in memory.
+
+`reduce_rows` is the plain reference (torch's kthvalue, amin, amax, sum) that the engine's
+streaming selection is tested against. `reduce_all` reduces a whole model's values with that
+selection, which gives the same values without a copy of each row.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from mergeflow.engine.selection import SAMPLE_TARGET, PassReduction
 from mergeflow.methods.base import Reduce
 
 
@@ -33,11 +39,30 @@ def reduce_all(
 ) -> dict[str, torch.Tensor]:
     """Reduce each source's per-tensor values as if concatenated along dim 1 (the whole model).
 
-    One row (task) at a time: only that row's concatenation is in memory, not all of them.
+    k-th values use the streaming engine's exact selection (a sampled window, then counts),
+    tensor by tensor: `kthvalue` over a 110M-value row took 1.3 to 2.2 s and a copy of the row.
+    Min, max and sum reduce one row at a time.
     """
     out = {}
     for name, how in reductions.items():
         values = [v.reshape(v.shape[0], -1) for v in collected[how.source]]
-        rows = [reduce_rows(torch.cat([v[r] for v in values]).unsqueeze(0), how) for r in range(values[0].shape[0])]
-        out[name] = torch.cat(rows)
+        if how.kind == "kth":
+            out[name] = _kth_by_selection(values, how)
+        else:
+            rows = [reduce_rows(torch.cat([v[r] for v in values]).unsqueeze(0), how)
+                    for r in range(values[0].shape[0])]
+            out[name] = torch.cat(rows)
     return out
+
+
+def _kth_by_selection(values: list[torch.Tensor], how: Reduce) -> torch.Tensor:
+    reduction = PassReduction({"kth": how})
+    d = sum(v.shape[1] for v in values)
+    stride = max(1, d // SAMPLE_TARGET)  # every stride-th value of every tensor: evenly spread
+    sample = torch.cat([v[:, ::stride] for v in values], dim=1)
+    reduction.set_windows({how.source: sample}, {how.source: d})
+    while True:
+        for v in values:
+            reduction.absorb(reduction.summarize({how.source: v}))
+        if reduction.finish_round():
+            return reduction.results["kth"]
