@@ -45,7 +45,9 @@ def reduce_all(
     """
     out = {}
     for name, how in reductions.items():
-        values = [v.reshape(v.shape[0], -1) for v in collected[how.source]]
+        values = [v.reshape(v.shape[0], -1) for v in collected.get(how.source, [])]
+        if not values:
+            raise ValueError(f"statistic {name!r} got no values (no float tensors?)")
         if how.kind == "kth":
             out[name] = _kth_by_selection(values, how)
         else:
@@ -56,13 +58,14 @@ def reduce_all(
 
 
 def _kth_by_selection(values: list[torch.Tensor], how: Reduce) -> torch.Tensor:
+    """The k-th value of each row of the concatenated `values`, on their device (CUDA too)."""
     reduction = PassReduction({"kth": how})
     d = sum(v.shape[1] for v in values)
     stride = max(1, d // SAMPLE_TARGET)  # every stride-th value of every tensor: evenly spread
-    sample = torch.cat([v[:, ::stride] for v in values], dim=1)
+    sample = torch.cat([v[:, ::stride] for v in values], dim=1).cpu()
     reduction.set_windows({how.source: sample}, {how.source: d})
     while True:
         for v in values:
             reduction.absorb(reduction.summarize({how.source: v}))
         if reduction.finish_round():
-            return reduction.results["kth"]
+            return reduction.results["kth"].to(values[0].device)

@@ -82,8 +82,7 @@ class TensorSource:
         if not shape:
             yield self.read(name)
             return
-        row_bytes = self.checkpoint.info(name).dtype.itemsize * math.prod(shape[1:])
-        step = max(1, block_bytes // max(1, row_bytes))
+        step = max(1, block_bytes // max(1, self._row_bytes(name)))
         for start in range(0, shape[0], step):
             yield self.read(name, start, min(shape[0], start + step))
 
@@ -93,14 +92,18 @@ class TensorSource:
         pickle checkpoints (already in memory)."""
         if name not in self._location or not hasattr(os, "posix_fadvise"):
             return
-        info = self.checkpoint.info(name)
-        row_bytes = info.dtype.itemsize * math.prod(info.shape[1:])
-        if row_start is None or not info.shape:
-            row_start, row_end = 0, (info.shape[0] if info.shape else 1)
+        shape, row_bytes = self.checkpoint.info(name).shape, self._row_bytes(name)
+        if row_start is None or not shape:
+            row_start, row_end = 0, (shape[0] if shape else 1)
         nbytes = (row_end - row_start) * row_bytes
         if nbytes:  # a length of 0 would mean "to the end of the file"
             file, offset = self._location[name]
             os.posix_fadvise(self._fd(file), offset + row_start * row_bytes, nbytes, os.POSIX_FADV_WILLNEED)
+
+    def _row_bytes(self, name: str) -> int:
+        """Bytes of one row (along dim 0) of tensor `name`; a scalar is one row."""
+        info = self.checkpoint.info(name)
+        return info.dtype.itemsize * math.prod(info.shape[1:])
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
