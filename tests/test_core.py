@@ -179,3 +179,36 @@ def test_whole_model_reductions_row_by_row_equal_the_concatenation():
         whole = torch.cat([p.reshape(3, -1) for p in parts], dim=1)
         for name, h in how.items():
             assert torch.equal(got[name], reduce_rows(whole, h)), name
+
+
+def test_in_memory_stat_passes_rebuild_groups_instead_of_holding_every_tensor():
+    # Holding every tensor's float32 group across passes took TIES past 24 GB at 110M params x 8
+    # tasks; each pass must build them afresh, one tensor at a time, and give the same stats.
+    import gc
+    import weakref
+
+    from mergeflow.merging import global_stats
+    from mergeflow.methods import TensorGroup, get_method
+    from mergeflow.methods.ties import kept_rank
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(50, 40, generator=g) for i in range(4)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) / 8 for k, v in base.items()} for _ in range(3)]
+    method = get_method("ties")
+    params = method.params(k=0.2)
+    calls, alive, refs = [], [], []
+
+    def groups():
+        calls.append(1)
+        for k in sorted(base):
+            group = TensorGroup(k, base[k], torch.stack([sd[k] for sd in fts]))
+            gc.collect()
+            alive.append(sum(ref() is not None for ref in refs))
+            refs.append(weakref.ref(group.models))
+            yield group
+    stats = global_stats(method, params, groups)
+    assert len(calls) == len(method.stat_passes) == 2
+    assert max(alive) <= 1  # at most the previous tensor's group is still referenced
+    magnitudes = torch.cat([torch.stack([sd[k] - base[k] for sd in fts]).abs().reshape(3, -1) for k in sorted(base)], 1)
+    expected = magnitudes.kthvalue(kept_rank(magnitudes.shape[1], 0.2), dim=1).values
+    assert torch.equal(stats["ties_threshold"], expected)
