@@ -23,6 +23,7 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparam
     """
     m = get_method(method)
     params = m.params(**hparams)
+    _check_state_dicts(base, finetuned)
     _check_model_count(m, len(finetuned))
     check_compatible(signature_of(base), [signature_of(sd) for sd in finetuned])
     float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype)]
@@ -70,6 +71,20 @@ def global_stats(method: MergeMethod, params: Hyperparams,
                 stats[tensor_stat(k, g.name)] = reduce_rows(v.reshape(v.shape[0], -1), how)
         stats.update(reduce_all(collected, per_model))
     return stats
+
+
+def _check_state_dicts(base: object, finetuned: object) -> None:
+    """Wrong container types get a TypeError that says what is expected, not an AttributeError
+    from deep inside (a single state dict passed as `finetuned` would iterate over its keys)."""
+    if isinstance(finetuned, Mapping) or not isinstance(finetuned, Sequence):
+        raise TypeError(f"finetuned must be a list of state dicts (one per fine-tuned model), got "
+                        f"{type(finetuned).__name__}")
+    for label, sd in [("base", base), *((f"finetuned[{i}]", sd) for i, sd in enumerate(finetuned))]:
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"{label} must be a state dict (a mapping of names to tensors), got {type(sd).__name__}")
+        bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise TypeError(f"{label}[{bad!r}] is a {type(sd[bad]).__name__}, not a torch.Tensor")
 
 
 def _check_model_count(m: MergeMethod, n: int) -> None:

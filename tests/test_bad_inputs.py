@@ -68,6 +68,21 @@ def test_in_memory_merge_refuses_bad_state_dict(case: str, tmp_path: Path) -> No
         assert word in str(err.value), f"{case}: {word!r} not in error: {err.value}"
 
 
+def test_in_memory_merge_names_wrong_container_types() -> None:
+    base = {"w": torch.ones(2, 2)}
+    cases = [
+        (None, [base], "base must be a state dict"),
+        (base, base, "finetuned must be a list of state dicts"),  # one state dict, not a list of them
+        (base, (sd for sd in [base]), "finetuned must be a list of state dicts"),
+        (base, [{"w": [[1.0, 2.0], [3.0, 4.0]]}], "finetuned[0]['w'] is a list, not a torch.Tensor"),
+        (base, [base, 3], "finetuned[1] must be a state dict"),
+    ]
+    for b, finetuned, words in cases:
+        with pytest.raises(TypeError) as err:
+            merge("task_arithmetic", b, finetuned, lam=0.5)
+        assert words in str(err.value)
+
+
 # ---- model lists ----
 
 def test_empty_model_list(tmp_path: Path) -> None:
