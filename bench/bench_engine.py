@@ -103,27 +103,28 @@ def child(case: str, root: Path, models: int, out: Path, device: str, workers: i
     print(json.dumps({"case": case, "wall_s": wall, "cpu_s": cpu, "peak_rss": usage.ru_maxrss * 1024}))
 
 
+def _input_files(root: Path, models: int) -> list[Path]:
+    base, fts = _dirs(root, models)
+    return [f for d in [base, *fts] for f in sorted(d.glob("*.safetensors"))]
+
+
 def _warm_page_cache(root: Path, models: int) -> None:
     """Read every input file once, untimed: every case then starts with the inputs cached (the
     first case would otherwise pay for the disk alone)."""
-    base, fts = _dirs(root, models)
-    for d in [base, *fts]:
-        for f in sorted(d.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
+    for f in _input_files(root, models):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
 
 
 def _evict_page_cache(root: Path, models: int) -> None:
     """Drop every input file's cached pages (they are clean, so the kernel just forgets them)."""
-    base, fts = _dirs(root, models)
-    for d in [base, *fts]:
-        for f in sorted(d.glob("*.safetensors")):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    for f in _input_files(root, models):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _run_case(a: argparse.Namespace, root: Path, case: str) -> dict:

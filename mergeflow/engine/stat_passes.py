@@ -65,11 +65,12 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
     cap = min(kth_cap, TENSOR_CAP) if per_tensor else kth_cap
     reductions = {k: PassReduction(how, cap=cap) for k in members}
     if plan.elementwise:
-        samples = {k: _sample_rows(plan, reduction, members[k],
+        totals = {k: sum(u.elems for u in us) for k, us in members.items()}  # values per row
+        samples = {k: _sample_rows(plan, reduction, members[k], totals[k],
                                    min(kth_sample, TENSOR_SAMPLE) if per_tensor else kth_sample,
                                    keep_all_below=TENSOR_KEEP_ALL if per_tensor else None)
                    for k, reduction in reductions.items() if reduction.wants_sample()}
-        _set_windows(plan, stat_pass, stats, reductions, samples, members, key, workers)
+        _set_windows(plan, stat_pass, stats, reductions, samples, totals, key, workers)
     results: dict[str, torch.Tensor] = {}
     todo, round_no = units, 0
     while todo:
@@ -99,11 +100,10 @@ def separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:
     return passes[:-1] if plan.method.fused_last_pass is not None else passes
 
 
-def _sample_rows(plan: MergePlan, reduction: PassReduction, units: list[Unit], sample_target: int,
+def _sample_rows(plan: MergePlan, reduction: PassReduction, units: list[Unit], total: int, sample_target: int,
                  keep_all_below: int | None = None) -> list[Unit]:
-    """The evenly spread rows to sample to place `reduction`'s k-th value windows; none (and the
-    reduction keeps every value) when there are few values."""
-    total = sum(u.elems for u in units)
+    """The evenly spread rows of `units` (`total` values a row) to sample to place `reduction`'s
+    k-th value windows; none (and the reduction keeps every value) when there are few values."""
     if total <= min(reduction.cap, keep_all_below or reduction.cap):
         reduction.keep_all()
         return []
@@ -116,7 +116,7 @@ def _sample_rows(plan: MergePlan, reduction: PassReduction, units: list[Unit], s
 
 def _set_windows(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats,
                  reductions: dict[str | None, PassReduction], samples: dict[str | None, list[Unit]],
-                 members: dict[str | None, list[Unit]], key: Callable[[Unit], str | None], workers: int) -> None:
+                 totals: dict[str | None, int], key: Callable[[Unit], str | None], workers: int) -> None:
     """Read the sampled rows of every reduction (one cheap pass, one thread pool for all of them:
     per-tensor thresholds have a reduction per tensor) and place their windows."""
     wanted = {k: {h.source for h in reductions[k].reductions.values() if h.kind == "kth"} for k in samples}
@@ -133,9 +133,8 @@ def _set_windows(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats,
             collected[key(sub)][s].append(v)
     for k, parts in collected.items():
         if samples[k]:
-            total = sum(u.elems for u in members[k])
             reductions[k].set_windows({s: torch.cat(p, dim=1) for s, p in parts.items() if p},
-                                      {s: total for s in wanted[k]})
+                                      {s: totals[k] for s in wanted[k]})
 
 
 def _systematic_rows(plan: MergePlan, units: list[Unit], fraction: float) -> list[Unit]:
