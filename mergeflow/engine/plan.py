@@ -65,6 +65,7 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)  # printed with the estimate (e.g. mixed float precision)
     # (tensor, offset) -> packed bits of the unit's entries a stat pass marked (Reduce.marks_candidates)
     candidates: dict[tuple[str, int], object] | None = None
+    cpu_kernels: bool = True  # use the methods' fused CPU kernels where the inputs allow (mergeflow.kernels)
 
     @property
     def n(self) -> int:
@@ -77,6 +78,10 @@ class MergePlan:
     def unit_bytes(self, unit: Unit) -> int:
         """Bytes read for one unit."""
         return unit.elems * sum(src.checkpoint.info(unit.name).dtype.itemsize for src in self.sources(unit))
+
+    def stored_dtypes(self, unit: Unit) -> set[torch.dtype]:
+        """The dtypes a unit's inputs are stored in (one, unless models differ in float precision)."""
+        return {src.checkpoint.info(unit.name).dtype for src in self.sources(unit)}
 
     def prefetch(self, unit: Unit) -> None:
         """Start reading a unit's inputs into the page cache, without waiting for them."""

@@ -26,6 +26,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -38,7 +39,14 @@ from mergeflow.engine.memory import tune_malloc
 from mergeflow.engine.plan import DEFAULT_CHUNK_ELEMS, MANIFEST_FILE, MergePlan, Unit, plan_merge
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET
 from mergeflow.engine.stat_passes import compute_global_stats, separate_passes
-from mergeflow.engine.units import read_group, run_units, torch_threads, usable_cpus
+from mergeflow.engine.units import (
+    kernel_input,
+    prepare_kernels,
+    read_group,
+    run_units,
+    torch_threads,
+    usable_cpus,
+)
 from mergeflow.engine.writer import StreamingCheckpointWriter
 from mergeflow.methods import GlobalStats
 from mergeflow.methods.base import Provisional
@@ -76,6 +84,7 @@ def merge_checkpoints(
     dry_run: bool = False,
     kth_cap: int = DEFAULT_CAP,
     kth_sample: int = SAMPLE_TARGET,
+    cpu_kernels: bool = True,
 ) -> MergeResult | MergePlan:
     """Merge checkpoint directories (or .safetensors files) of one base into `out_dir`.
 
@@ -86,11 +95,13 @@ def merge_checkpoints(
     `recipe` (the recipe as a dict) is recorded in the manifest. With `dry_run`, only the checks
     and the estimate run, and the plan is returned. `kth_cap` (values kept per task by the
     exact quantile selection) and `kth_sample` (values sampled to place its window) trade
-    memory for passes; results never depend on them.
+    memory for passes; results never depend on them. `cpu_kernels=False` runs every step with
+    the methods' torch code instead of their fused CPU kernels (same output bytes, slower).
     """
     t0 = time.perf_counter()
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
                       device=device, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+    plan.cpu_kernels = cpu_kernels
     # More threads stop paying off early: the units' Python work serialises on the GIL and the
     # elementwise math is bound by memory bandwidth (16 threads on a 16-CPU machine ran global
     # TIES at 0.5B in 30 s, 2 threads in 18 s).
@@ -103,6 +114,7 @@ def merge_checkpoints(
                 print(f"mergeflow: note: {note}", file=sys.stderr)
         if dry_run:
             return plan
+        prepare_kernels(plan, out_dtype)  # in the background; the torch code runs until they are loaded
         hashes = list(input_hashes) if input_hashes is not None else _content_hashes(
             [base_dir, *model_dirs], allow_pickle, workers=workers, progress=progress)
         with torch_threads(1 if (workers > 1 and plan.device.type == "cpu") else None):
@@ -145,9 +157,16 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
     first_pass = not any(True for sp in separate_passes(plan) if sp.reductions(plan.params))
     fused = plan.method.fused_last_pass
 
-    def work(unit: Unit) -> tuple[torch.Tensor, Provisional | None]:
+    def merged_unit(unit: Unit) -> tuple[torch.Tensor, Provisional | None]:
         if unit.name not in plan.float_names:
             return plan.base.read(unit.name, unit.row_start, unit.row_end), None
+        raw = kernel_input(plan, unit, dtype(unit.name)) if plan.method.cpu_kernel else None
+        if raw is not None:
+            out = torch.empty(unit.elems, dtype=dtype(unit.name))
+            nonfinite, provisional = plan.method.cpu_kernel.merge(unit.name, raw, out, plan.params, stats)
+            if nonfinite and first_pass:
+                read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
+            return out, provisional
         group = read_group(plan, unit, check_finite=first_pass)
         provisional = fused.merge(group, plan.params, stats) if fused else None
         merged = provisional.merged if provisional else plan.method.merge_tensor(group, plan.params, stats)
@@ -158,20 +177,23 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
             provisional = replace(provisional, merged=torch.empty(0), partial=provisional.partial.cpu())
         return merged.to(dtype(unit.name)).cpu(), provisional
 
-    digest = hashlib.sha256()
+    def work(unit: Unit) -> tuple[torch.Tensor, Provisional | None]:
+        out, provisional = merged_unit(unit)
+        if out.numel():  # positioned writes: each worker writes its own unit (GIL released)
+            writer.write(unit.name, unit.offset * out.element_size(), out)
+        return out, provisional
+
     stats = dict(stats)
-    with StreamingCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes) as writer:
+    with StreamingCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes) as writer, \
+            BackgroundDigest() as digest:
         writer.plan([(k, shape(k), dtype(k)) for k in plan.names])
         partial_sum, pending = torch.zeros(1, dtype=torch.int64), []
         for unit, (out, provisional) in zip(plan.units, run_units(plan, plan.units, work, workers, progress, "merge"),
                                             strict=True):
-            byte_offset = unit.offset * out.element_size()
             if unit.offset == 0:  # first piece of a tensor: hash_checkpoint's per-tensor header
                 digest.update(json.dumps([unit.name, str(dtype(unit.name)), list(shape(unit.name))]).encode())
             if out.numel():
-                data = out.contiguous().reshape(-1).view(torch.uint8)
-                digest.update(memoryview(data.numpy()))
-                writer.write(unit.name, byte_offset, out)
+                digest.update(memoryview(out.contiguous().reshape(-1).view(torch.uint8).numpy()))
             if provisional is not None:
                 partial_sum = partial_sum + provisional.partial
                 if provisional.positions is not None:
@@ -188,6 +210,36 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
         writer.write_text("README.md", model_card(manifest))
     return MergeResult(out_dir, output_hash, manifest, time.perf_counter() - t0,
                        {k: v.tolist() for k, v in stats.items()})
+
+
+class BackgroundDigest:
+    """sha256 fed in order on a thread of its own (hashlib releases the GIL for large buffers).
+
+    Hashing a 0.5B bf16 output takes ~0.6 s here; done in the loop that hands units to the
+    workers it held that loop up, and with it the workers. At most `depth` buffers wait.
+    """
+
+    def __init__(self, depth: int = 8) -> None:
+        self._digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-hash")
+        self._waiting: deque = deque()
+        self._depth = depth
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._waiting.append(self._pool.submit(self._digest.update, data))
+        while len(self._waiting) > self._depth:
+            self._waiting.popleft().result()
+
+    def hexdigest(self) -> str:
+        while self._waiting:
+            self._waiting.popleft().result()
+        return self._digest.hexdigest()
+
+    def __enter__(self) -> BackgroundDigest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _resolve_pending(writer: StreamingCheckpointWriter, pending: list[tuple[Unit, Provisional]],

@@ -15,7 +15,7 @@ import torch
 
 from mergeflow.engine.plan import MergePlan, Unit
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET, PassReduction
-from mergeflow.engine.units import read_group, run_units
+from mergeflow.engine.units import kernel_input, read_group, run_units
 from mergeflow.methods import GlobalStats, StatPass
 from mergeflow.methods.base import tensor_stat
 
@@ -75,6 +75,9 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
     todo, round_no = units, 0
     while todo:
         def work(unit: Unit, check: bool = check_finite and round_no == 0) -> dict[str, object]:
+            fused = _fused_window(plan, stat_pass, reductions[key(unit)], unit, check)
+            if fused is not None:
+                return fused
             group = read_group(plan, unit, check_finite=check)
             return reductions[key(unit)].summarize(stat_pass.values(group, plan.params, stats))
 
@@ -92,6 +95,25 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
                     plan.candidates = {(u.name, u.offset): m for u, m in zip(units, marks, strict=True)}
         todo, round_no = [u for u in todo if key(u) in reductions], round_no + 1
     return results
+
+
+def _fused_window(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, unit: Unit,
+                  check: bool) -> dict[str, object] | None:
+    """The unit's partial results from the pass's fused CPU window kernel (StatPass.cpu_window),
+    or None where it does not apply: one pending k-th value, in window mode, marking nothing."""
+    pending = reduction.pending()
+    if stat_pass.cpu_window is None or len(pending) != 1 or pending[0] not in reduction.kth:
+        return None
+    selection = reduction.kth[pending[0]]
+    if selection.mode != "window" or selection.marking:
+        return None
+    raw = kernel_input(plan, unit)
+    if raw is None:
+        return None
+    counts, kept, nonfinite = stat_pass.cpu_window(raw, selection.lo, selection.hi)
+    if nonfinite and check:
+        read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
+    return {pending[0]: (unit.elems, counts, kept, None)}
 
 
 def separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:

@@ -52,6 +52,34 @@ def read_group(plan: MergePlan, unit: Unit, *, check_finite: bool) -> TensorGrou
     return TensorGroup(unit.name, base, models, unit.offset, _candidates(plan, unit))
 
 
+def kernel_input(plan: MergePlan, unit: Unit, output: torch.dtype | None = None) -> torch.Tensor | None:
+    """The unit's stacked stored values for a fused CPU kernel (mergeflow.kernels), or None when
+    no kernel can take them: math on another device, kernels turned off, inputs in mixed dtypes,
+    or kernels for these dtypes not loaded yet (see `prepare_kernels`)."""
+    from mergeflow import kernels
+
+    if not plan.cpu_kernels or plan.device.type != "cpu":
+        return None
+    dtypes = plan.stored_dtypes(unit)
+    if len(dtypes) != 1:
+        return None
+    stored = next(iter(dtypes))
+    if not kernels.ready(stored, output or stored):
+        return None
+    return read_stacked(plan, unit)
+
+
+def prepare_kernels(plan: MergePlan, out_dtype: torch.dtype | None) -> None:
+    """Start loading the fused CPU kernels for this merge's dtypes in the background (see
+    mergeflow.kernels.prepare); a no-op where the engine will not use them."""
+    if not plan.cpu_kernels or plan.device.type != "cpu":
+        return
+    from mergeflow import kernels
+
+    stored = {plan.base.checkpoint.info(name).dtype for name in plan.float_names}
+    kernels.prepare({(s, s) for s in stored} | ({(s, out_dtype) for s in stored} if out_dtype else set()))
+
+
 def _candidates(plan: MergePlan, unit: Unit) -> torch.Tensor | None:
     """The unit's entries marked by a stat pass (Reduce.marks_candidates), as flat indices."""
     bits = plan.candidates.get((unit.name, unit.offset)) if plan.candidates else None

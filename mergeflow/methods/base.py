@@ -23,6 +23,10 @@ Streaming notes (additions, backward compatible):
   costly work elsewhere, provided the result there is what the full formula gives.
 - `FusedLastPass`: a last pass whose sum-statistic changes only a few entries (TIES's majority
   sign) runs inside the engine's merge pass (`Provisional`), saving a read of every model.
+- `CpuKernel` and `StatPass.cpu_window`: fused CPU versions (mergeflow.kernels) of a method's
+  merge step and of a pass's k-th value window counts, taken straight from the stored bf16 or
+  float32 values. They must give bitwise what the torch functions give; the engine uses them
+  on the CPU where the inputs allow and the torch functions everywhere else.
 """
 
 from __future__ import annotations
@@ -134,6 +138,11 @@ class StatPass:
 
     values: Callable[[TensorGroup, Hyperparams, GlobalStats], dict[str, torch.Tensor]]
     reductions: Callable[[Hyperparams], dict[str, Reduce]]
+    # Optional: cpu_window(raw, lo, hi) -> (counts (3, rows), kept values per row, non-finite
+    # input count), what `selection._window_cpu` gives on this pass's one k-th value source,
+    # computed from the stacked stored values raw (n + 1, m) (base first).
+    cpu_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                         tuple[np.ndarray, list[torch.Tensor], int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,20 @@ class FusedLastPass:
 
 
 @dataclass(frozen=True)
+class CpuKernel:
+    """A fused CPU version of the engine's merge step for one unit (see mergeflow.kernels).
+
+    `merge(name, raw, out, params, stats) -> (non-finite input count, Provisional or None)`:
+    `raw` (n + 1, m) holds the stored values (bf16 or float32, base first), `out` (m,) receives
+    the merged values in the output dtype (bf16 or float32). With a fused last pass it returns
+    that pass's Provisional (its `merged` unused), else None. Bitwise what `merge_tensor` (or the
+    fused last pass) followed by `.to(out.dtype)` gives.
+    """
+
+    merge: Callable[[str, torch.Tensor, torch.Tensor, Hyperparams, GlobalStats], tuple[int, Provisional | None]]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     merge_tensor: Callable[[TensorGroup, Hyperparams, GlobalStats], torch.Tensor]
@@ -178,6 +201,7 @@ class MergeMethod:
     max_models: int | None = None
     elementwise: bool | Callable[[Hyperparams], bool] = False
     fused_last_pass: FusedLastPass | None = None
+    cpu_kernel: CpuKernel | None = None
 
     def is_elementwise(self, params: Hyperparams) -> bool:
         """Whether the engine may split tensors into row chunks for these hyperparameters."""

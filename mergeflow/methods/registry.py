@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mergeflow.methods.base import FusedLastPass, Hyperparams, MergeMethod, StatPass
+from mergeflow.methods.base import CpuKernel, FusedLastPass, Hyperparams, MergeMethod, StatPass
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -20,6 +20,7 @@ def register(
     max_models: int | None = None,
     elementwise: bool | Callable[[Hyperparams], bool] = False,
     fused_last_pass: FusedLastPass | None = None,
+    cpu_kernel: CpuKernel | None = None,
 ) -> Callable:
     """Decorator: register `fn(group, params, stats) -> Tensor` as merge method `name`."""
 
@@ -37,6 +38,7 @@ def register(
             max_models=max_models,
             elementwise=elementwise,
             fused_last_pass=fused_last_pass,
+            cpu_kernel=cpu_kernel,
         )
         return fn
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergeflow.methods.base import GlobalStats, Hyperparams, TensorGroup
+from mergeflow.methods.base import CpuKernel, GlobalStats, Hyperparams, TensorGroup
 from mergeflow.methods.registry import register
 
 
@@ -18,12 +18,22 @@ class TaskArithmeticParams(Hyperparams):
         0.3, description="scale of the summed task vectors, or one coefficient per task")
 
 
+def _fused_cpu(name: str, raw: torch.Tensor, out: torch.Tensor, params: TaskArithmeticParams,
+               stats: GlobalStats) -> tuple[int, None]:
+    from mergeflow.kernels import task_arithmetic as kernel
+
+    if isinstance(params.lam, list) and len(params.lam) != raw.shape[0] - 1:
+        raise ValueError(f"task_arithmetic got {len(params.lam)} lam values for {raw.shape[0] - 1} fine-tuned models")
+    return kernel.merge(raw, out, params.lam), None
+
+
 @register(
     "task_arithmetic",
     hyperparams=TaskArithmeticParams,
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023",
     summary="base + lam * sum of task vectors",
     elementwise=True,
+    cpu_kernel=CpuKernel(_fused_cpu),
 )
 def task_arithmetic(
     group: TensorGroup, params: TaskArithmeticParams, stats: GlobalStats

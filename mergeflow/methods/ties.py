@@ -33,6 +33,7 @@ import torch
 from pydantic import Field, field_validator
 
 from mergeflow.methods.base import (
+    CpuKernel,
     FusedLastPass,
     GlobalStats,
     Hyperparams,
@@ -191,10 +192,15 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
     positions = nonzero_positions(zero.mul_(tau).reshape(-1))
     sub_trimmed = trimmed.reshape(n, -1).index_select(1, positions)
     sub_base = base.reshape(-1).index_select(0, positions)
-    # The values for the two other majorities, computed now so nothing large is kept.
-    other = {m: merge_elected(sub_base, sub_trimmed, agg, lam, m).cpu() for m in (-1.0, 0.0)}
     return Provisional(combine(base, tau, lam), partial, positions.to(torch.int32).cpu(),
-                       lambda sign_sum: other.get(majority_sign(sign_sum)))
+                       _resolver(sub_base, sub_trimmed, agg, lam))
+
+
+def _resolver(sub_base: torch.Tensor, sub_trimmed: torch.Tensor, agg: str, lam: float | list[float]):
+    """Provisional.resolve for the open entries: their values for a majority of -1 and of 0,
+    computed now so nothing large is kept (None for +1: the provisional values stand)."""
+    other = {m: merge_elected(sub_base, sub_trimmed, agg, lam, m).cpu() for m in (-1.0, 0.0)}
+    return lambda sign_sum: other.get(majority_sign(sign_sum))
 
 
 def combine(base: torch.Tensor, tau_m: torch.Tensor, lam: float | list[float]) -> torch.Tensor:
@@ -239,12 +245,40 @@ def _signs(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[s
     return {"ties_sign": sign_count_values(_trimmed(group, params, stats))}
 
 
-TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds)
+def _abs_delta_window(raw: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """The trim pass's window counts on |tau| straight from the stored values (mergeflow.kernels)."""
+    from mergeflow.kernels.window import abs_delta_window
+
+    return abs_delta_window(raw, lo, hi)
+
+
+TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds, cpu_window=_abs_delta_window)
 MAJORITY_PASS = StatPass(values=_signs, reductions=lambda p: {"ties_majority": Reduce("ties_sign", "sum")})
 
 
 def _ties_provisional(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> Provisional:
     return merge_elected_provisional(group.base, _trimmed(group, params, stats), params.agg, params.lam)
+
+
+def _ties_fused_cpu(name: str, raw: torch.Tensor, out: torch.Tensor, params: TiesParams,
+                    stats: GlobalStats) -> tuple[int, Provisional]:
+    """`_ties_provisional` in one fused kernel (mergeflow.kernels.ties_merge); the few open
+    entries are then resolved with the torch code above, on their columns only."""
+    from mergeflow.kernels import ties as kernel
+
+    n = raw.shape[0] - 1
+    if isinstance(params.lam, list) and len(params.lam) != n:
+        raise ValueError(f"lam has {len(params.lam)} values but there are {n} fine-tuned models")
+    thresholds = (stats["ties_threshold"] if params.trim_scope == "global"
+                  else stats[tensor_stat("ties_tensor_threshold", name)])
+    signs, positions = kernel.merge(raw, out, thresholds, params.lam, params.agg)
+    partial = torch.tensor([signs], dtype=torch.int64)
+    if not positions.size:
+        return 0, Provisional(torch.empty(0), partial)
+    columns = raw[:, torch.from_numpy(positions)].to(torch.float32)
+    open_group = TensorGroup(name, columns[0], columns[1:])
+    resolve = _resolver(open_group.base, _trimmed(open_group, params, stats), params.agg, params.lam)
+    return 0, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
 
 
 @register(
@@ -255,6 +289,7 @@ def _ties_provisional(group: TensorGroup, params: TiesParams, stats: GlobalStats
     stat_passes=(TRIM_PASS, MAJORITY_PASS),
     elementwise=True,
     fused_last_pass=FusedLastPass("ties_majority", _ties_provisional),
+    cpu_kernel=CpuKernel(_ties_fused_cpu),
 )
 def ties(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> torch.Tensor:
     trimmed = _trimmed(group, params, stats)

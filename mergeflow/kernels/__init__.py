@@ -1,0 +1,85 @@
+"""Fused CPU kernels for the streaming engine's hot loops, compiled with numba.
+
+torch's CPU ops each make a full pass over memory with a float32 temporary, so a TIES merge of
+3 bf16 fine-tunes spends ~15 passes per entry. These kernels read the stored bf16 or float32
+values once per row, keep their scratch in float32 and write the stored dtype directly. Each
+does exactly the float32 operations of the method's torch code in the same order, so the
+engine's output is bitwise the same with or without them (tests/test_kernels.py); the torch
+code stays the reference and serves every other case (CUDA, float16, mixed precisions).
+
+numba is imported only here, lazily: `mergeflow --help` and `import mergeflow` do not pay for
+it. Its import and first kernel call cost ~0.6 s per process, and compiling every kernel takes
+a few seconds on a machine's first merge (the code is then cached next to these files), so the
+engine calls `prepare` at its start: that work runs on a background thread and, until it is
+done, `ready` is False and the engine runs the torch code, which gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+STORAGE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+_prepared: dict[tuple[torch.dtype, torch.dtype], threading.Event] = {}
+_prepared_lock = threading.Lock()
+
+
+def prepare(pairs: set[tuple[torch.dtype, torch.dtype]]) -> None:
+    """Load or compile, on a background thread, the kernels for these (stored, output) dtypes."""
+    with _prepared_lock:
+        todo = [p for p in pairs if p not in _prepared and set(p) <= set(STORAGE_DTYPES)]
+        for p in todo:
+            _prepared[p] = threading.Event()
+    if todo:
+        threading.Thread(target=_warm_up, args=(todo,), name="mergeflow-kernels", daemon=True).start()
+
+
+def ready(stored: torch.dtype, output: torch.dtype) -> bool:
+    """Whether the kernels for these dtypes are loaded (see `prepare`)."""
+    event = _prepared.get((stored, output))
+    return event is not None and event.is_set()
+
+
+def wait_ready(stored: torch.dtype, output: torch.dtype, timeout: float | None = None) -> bool:
+    """Block until `prepare`'s work for these dtypes is done (tests, benchmarks)."""
+    event = _prepared.get((stored, output))
+    return event is not None and event.wait(timeout)
+
+
+def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
+    from mergeflow.kernels import task_arithmetic, ties, window
+
+    for stored, output in pairs:  # each call compiles (or loads) one specialisation
+        raw, out = torch.zeros((3, 8), dtype=stored), torch.empty(8, dtype=output)
+        task_arithmetic.merge(raw, out, 1.0)
+        task_arithmetic.merge(raw, out, [1.0, 1.0])
+        ties.merge(raw, out, torch.zeros(2), 1.0, "mean")
+        window.abs_delta_window(raw, torch.zeros(2), torch.ones(2))
+        _prepared[(stored, output)].set()
+
+
+def storage_array(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's stored values: bf16 as its uint16 bits, float32 as is."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float32:
+        return t.numpy()
+    raise TypeError(f"the fused kernels take bfloat16 or float32 values, not {t.dtype}")
+
+
+_scratch = threading.local()
+
+
+def thread_scratch(name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    """A reusable buffer of this shape, one per thread and name: the kernels' scratch and outputs
+    are a unit's size, and taking them fresh for every unit costs page faults."""
+    size = int(np.prod(shape))
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+        buffer = np.empty(size, dtype=dtype)
+        setattr(_scratch, name, buffer)
+    return buffer[:size].reshape(shape)

@@ -1,0 +1,172 @@
+"""TIES-Merging's merge step fused over the stored inputs, with a provisional majority of +1.
+
+Exactly the float32 operations of `mergeflow.methods.ties.merge_elected_provisional`, in the
+same order, so the results are bitwise equal:
+  trimmed_i = hardshrink(theta_i - theta_0, below_i)       (|tau| >= the task's threshold)
+              * lam_i                                      (per-task lam only)
+  gamma     = sign(trimmed_0 + trimmed_1 + ...)            (summed in task order)
+  vote      = sign(gamma + 0.5)                            (gamma, and +1 where gamma = 0)
+  agreeing_i = clamp_min(trimmed_i * vote, 0)
+  tau       = mean: sum_i agreeing_i / max(count_i(agreeing_i > 0), 1) * vote
+              sum:  sum_i agreeing_i * vote
+              max:  max_i agreeing_i * vote
+  out       = tau * lam + theta_0   (scalar lam)   or   tau + theta_0   (per-task lam)
+Entries whose summed sign is exactly 0 and whose tau is not 0 depend on the whole model's
+majority sign; their positions are returned for the caller to resolve. Each loop runs over
+one row of scratch, so LLVM vectorises it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from mergeflow.kernels import storage_array, thread_scratch
+from mergeflow.kernels.storage import load, store
+
+AGG_CODES = {"mean": 0, "sum": 1, "max": 2}
+
+
+@njit(inline="always")
+def _sign(x):
+    return np.float32((x > 0) - (x < 0))
+
+
+@njit(inline="always")
+def _clamp_min_zero(x):
+    return np.float32(0.0) if x < 0 else x  # keeps -0.0, as torch's clamp_min does
+
+
+def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: float | list[float],
+          agg: str) -> tuple[int, np.ndarray]:
+    """TIES's trim, election (provisional majority +1) and disjoint aggregation into `out`.
+
+    `thresholds`: one |tau| threshold per task (entries at or above it are kept). Returns the
+    sum of the elected signs and the positions whose value depends on the real majority.
+    """
+    n, m = raw.shape[0] - 1, raw.shape[1]
+    t = thresholds.to(torch.float32).reshape(-1).numpy()
+    below = np.nextafter(t, np.float32(-np.inf)).astype(np.float32)  # |d| >= t is |d| > below
+    per_task = isinstance(lam, list)
+    lams = np.asarray(lam if per_task else [1.0] * n, dtype=np.float32)
+    scratch = thread_scratch("ties_scratch", (n + 3, m))
+    open_flags = thread_scratch("ties_open", (m,), np.bool_)
+    signs = _loops(storage_array(raw), below, lams, per_task, np.float32(0.0 if per_task else lam),
+                   AGG_CODES[agg], storage_array(out), scratch, open_flags)
+    return int(signs), np.flatnonzero(open_flags)  # a SIMD scan: faster than compacting in the loop
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _loops(raw, below, lams, per_task, lam, agg, out, scratch, open_flags):
+    """raw: (n + 1, m) stored values, base first; below: (n,) float32, the largest float32
+    under each task's threshold; lams: (n,) float32 per-task coefficients (used if per_task);
+    lam: float32 scale (used if not per_task); agg: AGG_CODES; out: (m,) storage; scratch:
+    (n + 3, m) float32; open_flags: (m,) bool, set where the value depends on the majority.
+
+    Returns the sum of the elected signs. Every loop below runs over
+    whole rows with its branches outside, so LLVM vectorises each one.
+    """
+    n = raw.shape[0] - 1
+    _trim(raw, below, lams, per_task, scratch)
+    gamma, total, count = scratch[n], scratch[n + 1], scratch[n + 2]
+    _sum_rows(scratch, n, gamma)  # summed in task order, like sum_over_tasks
+    signs = np.int32(0)  # int32 vectorises; a unit has far fewer than 2**31 entries
+    for j in range(gamma.shape[0]):
+        g = _sign(gamma[j])
+        gamma[j] = g
+        signs += np.int32(g)
+    if agg == 2:
+        _agreeing_max(scratch, n, gamma, total)
+    else:
+        _agreeing_sum_and_count(scratch, n, gamma, total, count)
+    _write(raw[0], gamma, total, count, per_task, lam, agg, out)
+    for j in range(gamma.shape[0]):  # open: gamma = 0 and tau (now in total) > 0
+        open_flags[j] = (gamma[j] == 0) & (total[j] > 0)
+    return np.int64(signs)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _trim(raw, below, lams, per_task, scratch):
+    """scratch[i] = hardshrink(theta_i - theta_0, below_i) (* lams[i] with per-task lam)."""
+    base = raw[0]
+    for i in range(raw.shape[0] - 1):
+        row, t_row, shrink, scale = raw[i + 1], scratch[i], below[i], lams[i]
+        for j in range(row.shape[0]):
+            d = load(row[j]) - load(base[j])
+            inside = (d >= -shrink) & (d <= shrink)  # `&`, not `and`: no branch in the loop
+            t_row[j] = np.float32(0.0) if inside else d
+        if per_task:
+            for j in range(row.shape[0]):
+                t_row[j] = t_row[j] * scale
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _sum_rows(scratch, n, into):
+    first = scratch[0]
+    if n == 1:
+        for j in range(into.shape[0]):
+            into[j] = first[j]
+        return
+    second = scratch[1]
+    for j in range(into.shape[0]):
+        into[j] = first[j] + second[j]
+    for i in range(2, n):
+        row = scratch[i]
+        for j in range(into.shape[0]):
+            into[j] += row[j]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _agreeing_sum_and_count(scratch, n, gamma, total, count):
+    """The agreeing values' sum and count, added in task order like sum_over_tasks."""
+    first = scratch[0]
+    for j in range(gamma.shape[0]):
+        a = _clamp_min_zero(first[j] * _vote(gamma[j]))
+        total[j] = a
+        count[j] = _sign(a)
+    for i in range(1, n):
+        row = scratch[i]
+        for j in range(gamma.shape[0]):
+            a = _clamp_min_zero(row[j] * _vote(gamma[j]))
+            total[j] += a
+            count[j] += _sign(a)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _agreeing_max(scratch, n, gamma, best):
+    """The largest agreeing magnitude; torch's vectorised maximum keeps the later of equal zeros."""
+    for j in range(gamma.shape[0]):
+        best[j] = -np.inf
+    for i in range(n):
+        row = scratch[i]
+        for j in range(gamma.shape[0]):
+            a = _clamp_min_zero(row[j] * _vote(gamma[j]))
+            best[j] = best[j] if best[j] > a else a
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _write(base, gamma, total, count, per_task, lam, agg, out):
+    """tau, kept in `total`, and out = tau * lam + theta_0 (tau + theta_0 with per-task lam).
+    One loop per case, so no loop has a branch LLVM would have to take out first."""
+    if agg == 0:  # mean: divide by the agreeing count, at least 1
+        for j in range(gamma.shape[0]):
+            c = count[j]
+            total[j] = total[j] / (c if c > 1 else np.float32(1.0)) * _vote(gamma[j])
+    else:
+        for j in range(gamma.shape[0]):
+            total[j] = total[j] * _vote(gamma[j])
+    if per_task:
+        for j in range(gamma.shape[0]):
+            merged = total[j] + load(base[j])
+            store(out, j, merged)
+    else:
+        for j in range(gamma.shape[0]):
+            merged = total[j] * lam + load(base[j])
+            store(out, j, merged)
+
+
+@njit(inline="always")
+def _vote(g):
+    """sign(gamma + 0.5): gamma, and +1 where it is 0 (the provisional majority)."""
+    return _sign(g + np.float32(0.5))

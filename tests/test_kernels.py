@@ -1,0 +1,170 @@
+"""The fused CPU kernels (mergeflow.kernels) give the torch code's bytes, and the engine uses them.
+
+The inputs are adversarial for bitwise agreement: values on a coarse grid (deltas tied at the
+trim thresholds, exact cancellations, summed signs of exactly 0), a base with -0.0 entries, a
+dead tensor, bf16 and float32 storage, and outputs rounded to bf16 from float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mergeflow
+from mergeflow.checkpoint import load_state_dict
+from mergeflow.checkpoint_writer import save_checkpoint
+from mergeflow.engine import NonFiniteInput, merge_checkpoints
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels_loaded():
+    """The engine runs the torch code until the kernels are loaded (mergeflow.kernels.prepare);
+    load them first so these tests compare the kernels, not the torch code with itself."""
+    from mergeflow import kernels
+
+    pairs = {(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)}
+    kernels.prepare(pairs)
+    assert all(kernels.wait_ready(*p, timeout=300) for p in pairs)
+
+
+SHAPES = {"embed": (37, 16), "proj": (24, 24), "bias": (24,), "dead": (5, 7), "scale": ()}
+
+
+def _grid_models(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randint(-16, 17, s, generator=g).float() / 8 for k, s in SHAPES.items()}
+    base["bias"][::3] = -0.0  # signed zeros in the base: a zero update must keep or lose the sign as torch does
+    fts = []
+    for _ in range(n):
+        ft = {k: v + torch.randint(-3, 4, v.shape, generator=g).float() / 16 for k, v in base.items()}
+        ft["dead"] = base["dead"].clone()
+        fts.append(ft)
+    cast = lambda sd: {k: v.to(dtype) for k, v in sd.items()}  # noqa: E731
+    return cast(base), [cast(ft) for ft in fts]
+
+
+def _write_all(tmp_path, base: dict, fts: list[dict]) -> list:
+    dirs = []
+    for i, sd in enumerate([base, *fts]):
+        save_checkpoint(sd, tmp_path / f"m{i}", max_shard_bytes=2000)
+        dirs.append(tmp_path / f"m{i}")
+    return dirs
+
+
+CASES = [
+    ("task_arithmetic", {"lam": 0.3}),
+    ("task_arithmetic", {"lam": [0.7, -0.2, 1.3]}),
+    ("ties", {"k": 0.2, "lam": 0.9, "agg": "mean"}),
+    ("ties", {"k": 0.35, "lam": 1.1, "agg": "sum"}),
+    ("ties", {"k": 0.5, "agg": "max"}),
+    ("ties", {"k": 0.3, "lam": [1.0, 0.5, 2.0], "agg": "mean"}),
+    ("ties", {"k": 0.4, "lam": [0.5, -1.0, 2.0], "agg": "max"}),
+    ("ties", {"k": 1.0, "agg": "mean"}),
+    ("ties", {"k": 0.0, "agg": "sum"}),
+    ("ties", {"k": 0.2, "trim_scope": "tensor", "agg": "mean"}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("method, hp", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_fused_kernels_write_the_torch_bytes(tmp_path, dtype, method, hp):
+    base, fts = _grid_models(3, dtype)
+    dirs = _write_all(tmp_path, base, fts)
+    # Small chunks and a small selection cap: row-chunked units, sampled windows that may miss.
+    common = dict(progress=False, workers=2, chunk_elems=40, kth_cap=200, kth_sample=60, input_hashes=["h"] * 4)
+    fused = merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "fused", hp, **common)
+    plain = merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "torch", hp, cpu_kernels=False, **common)
+    assert fused.output_hash == plain.output_hash
+    assert fused.stats == plain.stats
+    expected = mergeflow.merge(method, base, fts, **hp)
+    got = load_state_dict(tmp_path / "fused")
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+        assert torch.equal(got[k].signbit(), expected[k].signbit()), k  # -0.0 and +0.0 too
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("agg", ["mean", "sum", "max"])
+def test_fused_ties_for_any_number_of_models(tmp_path, n, agg):
+    base, fts = _grid_models(n, torch.bfloat16, seed=n)
+    dirs = _write_all(tmp_path, base, fts)
+    merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "o", {"k": 0.3, "agg": agg}, progress=False,
+                      input_hashes=["h"] * (n + 1))
+    got, expected = load_state_dict(tmp_path / "o"), mergeflow.merge("ties", base, fts, k=0.3, agg=agg)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_float32_inputs_round_to_bf16_as_torch_does(tmp_path):
+    # Halfway cases (ties to even), values that overflow bf16 to inf, subnormals, signed zeros.
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x00000001,
+                         0x80000001, 0x00000000, 0x80000000, 0x3F7F8000], dtype=torch.int64)
+    values = bits.to(torch.int32).view(torch.float32)
+    base = {"w": torch.zeros_like(values)}
+    fts = [{"w": values}]
+    dirs = _write_all(tmp_path, base, fts)
+    merge_checkpoints("task_arithmetic", dirs[0], dirs[1:], tmp_path / "o", {"lam": 1.0}, progress=False,
+                      out_dtype=torch.bfloat16, input_hashes=["h"] * 2)
+    got = load_state_dict(tmp_path / "o")["w"]
+    expected = ((values - 0.0) * 1.0 + 0.0).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+    assert got[0].item() == 1.0 and got[1].item() == 1.015625 and got[3].item() == float("inf")  # by hand
+
+
+def test_engine_runs_the_fused_kernels_on_cpu_and_not_when_asked(tmp_path, monkeypatch):
+    from mergeflow.kernels import ties as ties_kernel
+    from mergeflow.kernels import window
+
+    calls = {"merge": 0, "window": 0}
+    real_merge, real_window = ties_kernel.merge, window.abs_delta_window
+
+    def counting(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(ties_kernel, "merge", counting("merge", real_merge))
+    monkeypatch.setattr(window, "abs_delta_window", counting("window", real_window))
+    base, fts = _grid_models(3, torch.bfloat16)
+    dirs = _write_all(tmp_path, base, fts)
+    merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "a", {"k": 0.2}, progress=False, input_hashes=["h"] * 4)
+    assert calls["merge"] == len(SHAPES) and calls["window"] == len(SHAPES)  # one unit per tensor
+    calls.update(merge=0, window=0)
+    merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "b", {"k": 0.2}, progress=False, input_hashes=["h"] * 4,
+                      cpu_kernels=False)
+    assert calls == {"merge": 0, "window": 0}
+
+
+def test_float16_inputs_take_the_torch_path_with_the_same_numbers(tmp_path):
+    base, fts = _grid_models(2, torch.float16)
+    dirs = _write_all(tmp_path, base, fts)
+    merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "o", {"k": 0.3}, progress=False, input_hashes=["h"] * 3)
+    got, expected = load_state_dict(tmp_path / "o"), mergeflow.merge("ties", base, fts, k=0.3)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_bf16_input_is_refused_on_the_fused_path(tmp_path, method, bad):
+    base, fts = _grid_models(2, torch.bfloat16)
+    fts[1]["proj"][3, 5] = bad
+    dirs = _write_all(tmp_path, base, fts)
+    with pytest.raises(NonFiniteInput, match="proj"):
+        merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "o", {}, progress=False, input_hashes=["h"] * 3)
+    assert not (tmp_path / "o").exists()
+
+
+def test_window_kernel_counts_like_the_numpy_window():
+    from mergeflow.engine.selection import _window_cpu
+    from mergeflow.kernels.window import abs_delta_window
+
+    g = torch.Generator().manual_seed(3)
+    raw = (torch.randint(-40, 41, (4, 5000), generator=g).float() / 32).to(torch.bfloat16)
+    lo, hi = torch.tensor([0.25, 0.5, 0.0]), torch.tensor([0.5, 0.5, 0.125])  # one lo == hi row
+    counts, kept, nonfinite = abs_delta_window(raw, lo, hi)
+    ref_counts, ref_kept, _ = _window_cpu((raw[1:].float() - raw[0].float()).abs(), lo, hi)
+    assert nonfinite == 0
+    assert np.array_equal(counts, ref_counts)
+    assert all(torch.equal(a, b) for a, b in zip(kept, ref_kept, strict=True))
+    assert counts[2, 1] == 0 and kept[1].numel() == 0  # lo == hi: every window value counted at lo
