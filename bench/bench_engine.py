@@ -25,6 +25,10 @@ in the page cache. With `--cold`, every case starts with them evicted from it in
 when merging checkpoints that were just downloaded, or ones too large for the page cache.
 
     python bench/bench_engine.py --size 0.5b --cold --repeat 3
+
+`--torch-only` runs the engine without its fused CPU kernels (mergeflow.kernels), for an A/B of
+the same build. The kernels load on a background thread in each case's process; until they
+are ready (~0.6 s, longer on a machine's first run, which compiles them) the torch code runs.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ def run_floor(base: Path, models: list[Path], out: Path, workers: int | None) ->
         plan.close()
 
 
-def child(case: str, root: Path, models: int, out: Path, device: str, workers: int | None) -> None:
+def child(case: str, root: Path, models: int, out: Path, device: str, workers: int | None,
+          cpu_kernels: bool = True) -> None:
     import torch  # noqa: F401  (import before timing)
 
     from mergeflow.engine import merge_checkpoints
@@ -96,7 +101,7 @@ def child(case: str, root: Path, models: int, out: Path, device: str, workers: i
     else:
         method, hp = CASES[case]
         merge_checkpoints(method, base, fts, out, hp, progress=False, input_hashes=["-"] * (models + 1),
-                          device=device, workers=workers)
+                          device=device, workers=workers, cpu_kernels=cpu_kernels)
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime - cpu0
@@ -135,7 +140,8 @@ def _run_case(a: argparse.Namespace, root: Path, case: str) -> dict:
         _evict_page_cache(root, a.models)
     proc = subprocess.run([sys.executable, __file__, "--size", a.size, "--models", str(a.models),
                            "--root", str(root), "--child", case, "--out", str(out),
-                           "--device", a.device, *(["--workers", str(a.workers)] if a.workers else [])],
+                           "--device", a.device, *(["--workers", str(a.workers)] if a.workers else []),
+                           *(["--torch-only"] if a.torch_only else [])],
                           capture_output=True, text=True)
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
@@ -154,12 +160,14 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="engine threads (default: the engine's, min(4, usable CPUs))")
     p.add_argument("--repeat", type=int, default=1, help="runs per case; the table shows the fastest")
     p.add_argument("--cold", action="store_true", help="start every case with the inputs evicted from the page cache")
+    p.add_argument("--torch-only", action="store_true",
+                   help="run every step with the torch code, not the fused CPU kernels (same output bytes)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     root = a.root or Path(f"/tmp/mf_llama_{a.size.replace('.', '')}")
     if a.child:
-        child(a.child, root, a.models, a.out, a.device, a.workers)
+        child(a.child, root, a.models, a.out, a.device, a.workers, cpu_kernels=not a.torch_only)
         return
     if not (root / f"ft{a.models - 1}").exists():
         subprocess.run([sys.executable, str(HERE / "make_llama.py"), "--size", a.size, "--models",
@@ -179,7 +187,7 @@ def main() -> None:
     floor = next((r for r in rows if r["case"] == "floor"), None)
     load = os.getloadavg()[0]
     print(f"\nengine benchmark: Llama {a.size}, base + {a.models} fine-tunes (bf16), "
-          f"{usable_cpus()} CPU(s), device {a.device}, inputs {'cold (read from disk)' if a.cold else 'in the page cache'}, load average {load:.1f} at the end")
+          f"{usable_cpus()} CPU(s), device {a.device}{' (torch code only)' if a.torch_only else ''}, inputs {'cold (read from disk)' if a.cold else 'in the page cache'}, load average {load:.1f} at the end")
     print(f"{'case':<18}{'wall s':>9}{'x floor':>9}{'CPU s':>9}{'x floor':>9}{'peak RSS MiB':>14}")
     for r in rows:
         wall_ratio = f"{r['wall_s'] / floor['wall_s']:.2f}" if floor else "-"

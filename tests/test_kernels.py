@@ -168,3 +168,28 @@ def test_window_kernel_counts_like_the_numpy_window():
     assert np.array_equal(counts, ref_counts)
     assert all(torch.equal(a, b) for a, b in zip(kept, ref_kept, strict=True))
     assert counts[2, 1] == 0 and kept[1].numel() == 0  # lo == hi: every window value counted at lo
+
+
+def test_merge_falls_back_to_the_torch_code_when_the_kernels_cannot_load(tmp_path):
+    # In a fresh process where numba cannot be imported: the merge still runs, says why it is
+    # slower, and writes the same bytes.
+    import subprocess
+    import sys
+
+    base, fts = _grid_models(2, torch.bfloat16)
+    dirs = _write_all(tmp_path, base, fts)
+    script = (
+        "import sys; sys.modules['numba'] = None\n"
+        "from mergeflow.engine import merge_checkpoints\n"
+        f"r = merge_checkpoints('ties', {str(dirs[0])!r}, {[str(d) for d in dirs[1:]]!r}, {str(tmp_path / 'o')!r},"
+        " {'k': 0.3}, progress=False, input_hashes=['h'] * 3)\n"
+        "import threading\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'mergeflow-kernels']\n"
+        "print(r.output_hash)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    plain = merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "p", {"k": 0.3}, progress=False,
+                              input_hashes=["h"] * 3, cpu_kernels=False)
+    assert proc.stdout.split()[-1] == plain.output_hash
+    assert "fused CPU kernels are unavailable" in proc.stderr
