@@ -39,11 +39,12 @@ def _clamp_min_zero(x):
 
 
 def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: float | list[float],
-          agg: str) -> tuple[int, np.ndarray]:
+          agg: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """TIES's trim, election (provisional majority +1) and disjoint aggregation into `out`.
 
     `thresholds`: one |tau| threshold per task (entries at or above it are kept). Returns the
-    sum of the elected signs and the positions whose value depends on the real majority.
+    sum of the elected signs, the positions whose value depends on the whole model's majority
+    sign, and their merged float32 values for a majority of -1 and of 0.
     """
     n, m = raw.shape[0] - 1, raw.shape[1]
     t = thresholds.to(torch.float32).reshape(-1).numpy()
@@ -52,9 +53,12 @@ def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: f
     lams = np.asarray(lam if per_task else [1.0] * n, dtype=np.float32)
     scratch = thread_scratch("ties_scratch", (n + 3, m))
     open_flags = thread_scratch("ties_open", (m,), np.bool_)
-    signs = _loops(storage_array(raw), below, lams, per_task, np.float32(0.0 if per_task else lam),
-                   AGG_CODES[agg], storage_array(out), scratch, open_flags)
-    return int(signs), np.flatnonzero(open_flags)  # a SIMD scan: faster than compacting in the loop
+    stored, scale, code = storage_array(raw), np.float32(0.0 if per_task else lam), AGG_CODES[agg]
+    signs = _loops(stored, below, lams, per_task, scale, code, storage_array(out), scratch, open_flags)
+    positions = np.flatnonzero(open_flags)  # a SIMD scan: faster than compacting in the loop
+    if_negative, if_zero = np.empty(positions.size, np.float32), np.empty(positions.size, np.float32)
+    _open_values(stored[0], scratch, positions, per_task, scale, code, if_negative, if_zero)
+    return int(signs), positions, if_negative, if_zero
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -164,6 +168,37 @@ def _write(base, gamma, total, count, per_task, lam, agg, out):
         for j in range(gamma.shape[0]):
             merged = total[j] * lam + load(base[j])
             store(out, j, merged)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _open_values(base, trimmed, positions, per_task, lam, agg, if_negative, if_zero):
+    """The merged values at the open positions (gamma = 0) for a whole-model majority of -1 and
+    of 0, as `merge_elected` gives them: both vote -1 there, and with "max" a majority of 0
+    scales by gamma (0) instead of the vote."""
+    n = trimmed.shape[0] - 3
+    for q in range(positions.shape[0]):
+        p = positions[q]
+        a = _clamp_min_zero(trimmed[0, p] * np.float32(-1.0))
+        total, count, best = a, _sign(a), a  # max(-inf, a) is a
+        for i in range(1, n):
+            a = _clamp_min_zero(trimmed[i, p] * np.float32(-1.0))
+            total += a
+            count += _sign(a)
+            best = best if best > a else a
+        if agg == 0:
+            negative = total / (count if count > 1 else np.float32(1.0)) * np.float32(-1.0)
+            zero = negative
+        elif agg == 1:
+            negative = total * np.float32(-1.0)
+            zero = negative
+        else:
+            negative = best * np.float32(-1.0)
+            zero = best * np.float32(0.0)
+        b = load(base[p])
+        if per_task:
+            if_negative[q], if_zero[q] = negative + b, zero + b
+        else:
+            if_negative[q], if_zero[q] = negative * lam + b, zero * lam + b
 
 
 @njit(inline="always")

@@ -199,7 +199,10 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
 def _resolver(sub_base: torch.Tensor, sub_trimmed: torch.Tensor, agg: str, lam: float | list[float]):
     """Provisional.resolve for the open entries: their values for a majority of -1 and of 0,
     computed now so nothing large is kept (None for +1: the provisional values stand)."""
-    other = {m: merge_elected(sub_base, sub_trimmed, agg, lam, m).cpu() for m in (-1.0, 0.0)}
+    return _resolve_with({m: merge_elected(sub_base, sub_trimmed, agg, lam, m).cpu() for m in (-1.0, 0.0)})
+
+
+def _resolve_with(other: dict[float, torch.Tensor]):
     return lambda sign_sum: other.get(majority_sign(sign_sum))
 
 
@@ -262,8 +265,7 @@ def _ties_provisional(group: TensorGroup, params: TiesParams, stats: GlobalStats
 
 def _ties_fused_cpu(name: str, raw: torch.Tensor, out: torch.Tensor, params: TiesParams,
                     stats: GlobalStats) -> tuple[int, Provisional]:
-    """`_ties_provisional` in one fused kernel (mergeflow.kernels.ties_merge); the few open
-    entries are then resolved with the torch code above, on their columns only."""
+    """`_ties_provisional` in one fused kernel (mergeflow.kernels.ties), open entries included."""
     from mergeflow.kernels import ties as kernel
 
     n = raw.shape[0] - 1
@@ -271,13 +273,11 @@ def _ties_fused_cpu(name: str, raw: torch.Tensor, out: torch.Tensor, params: Tie
         raise ValueError(f"lam has {len(params.lam)} values but there are {n} fine-tuned models")
     thresholds = (stats["ties_threshold"] if params.trim_scope == "global"
                   else stats[tensor_stat("ties_tensor_threshold", name)])
-    signs, positions = kernel.merge(raw, out, thresholds, params.lam, params.agg)
+    signs, positions, if_negative, if_zero = kernel.merge(raw, out, thresholds, params.lam, params.agg)
     partial = torch.tensor([signs], dtype=torch.int64)
     if not positions.size:
         return 0, Provisional(torch.empty(0), partial)
-    columns = raw[:, torch.from_numpy(positions)].to(torch.float32)
-    open_group = TensorGroup(name, columns[0], columns[1:])
-    resolve = _resolver(open_group.base, _trimmed(open_group, params, stats), params.agg, params.lam)
+    resolve = _resolve_with({-1.0: torch.from_numpy(if_negative), 0.0: torch.from_numpy(if_zero)})
     return 0, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
 
 
