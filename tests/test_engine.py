@@ -346,14 +346,22 @@ def _cancellation_models(majority: int) -> tuple[dict, list[dict]]:
 
 
 @pytest.mark.parametrize("majority", [-1, 0, 1])
-@pytest.mark.parametrize("method, hp", [("ties", {"k": 1.0, "lam": 0.5}), ("dare_ties", {"p": 0.0})])
+@pytest.mark.parametrize("method, hp, kernels", [("ties", {"k": 1.0, "lam": 0.5}, True),
+                                                 ("ties", {"k": 1.0, "lam": 0.5}, False),
+                                                 ("dare_ties", {"p": 0.0}, False)])
 @pytest.mark.parametrize("agg", ["mean", "sum", "max"])
-def test_fused_majority_pass_resolves_exact_cancellations(tmp_path, majority, method, hp, agg):
-    # The engine merges before the majority sign is known and fixes the cancelled entries after.
+def test_fused_majority_pass_resolves_exact_cancellations(tmp_path, majority, method, hp, kernels, agg):
+    # The engine merges before the majority sign is known and fixes the cancelled entries after,
+    # with the fused CPU kernel (loaded first) and with the torch code.
+    if kernels:
+        from mergeflow import kernels as fused
+
+        fused.prepare({(torch.float32, torch.float32)})
+        assert fused.wait_ready(torch.float32, torch.float32, timeout=300)
     base, fts = _cancellation_models(majority)
     dirs = [_write(sd, tmp_path / f"m{i}", config=None) for i, sd in enumerate([base, *fts])]
     result = merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "out", {**hp, "agg": agg},
-                               progress=False)
+                               progress=False, cpu_kernels=kernels)
     expected = mergeflow.merge(method, base, fts, **hp, agg=agg)
     got = load_state_dict(tmp_path / "out")
     for name in base:
@@ -465,3 +473,37 @@ def test_run_units_hints_every_unit_once_in_order_and_a_bounded_distance_ahead(z
         hinted_by_then = sum(1 for kind, _ in events[:starts] if kind == "hint")
         # at most workers + 1 = 3 units are submitted past unit i, and hints stop `ahead` past those
         assert sum(plan.unit_bytes(u) for u in plan.units[i + 1:hinted_by_then]) <= ahead + 4 * largest
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_only_the_first_read_of_the_inputs_is_hinted_while_they_stay_cached(zoo, tmp_path, monkeypatch, cached):
+    # TIES reads every input twice (threshold pass, merge pass). The second read finds them in the
+    # page cache when they fit in half of the free memory, and hinting it again only costs CPU.
+    from mergeflow.engine import run, stat_passes, units
+
+    monkeypatch.setattr(units, "stays_in_page_cache", lambda nbytes: cached)
+    monkeypatch.setattr(run, "stays_in_page_cache", lambda nbytes: cached)
+    monkeypatch.setattr(stat_passes, "stays_in_page_cache", lambda nbytes: cached)
+    labels = []
+    real = units.run_units
+
+    def recording(plan, todo, work, workers, progress, label, read_ahead=True):
+        labels.append((label, read_ahead))
+        return real(plan, todo, work, workers, progress, label, read_ahead)
+    monkeypatch.setattr(run, "run_units", recording)
+    monkeypatch.setattr(stat_passes, "run_units", recording)
+    merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", {"k": 0.2}, progress=False,
+                      input_hashes=["h"] * 4)
+    assert ("stat pass 1.1", True) in labels
+    assert ("merge", not cached) in labels
+    labels.clear()
+    merge_checkpoints("task_arithmetic", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "p", {}, progress=False,
+                      input_hashes=["h"] * 4)
+    assert labels == [("merge", True)]  # the only read: always hinted
+
+
+def test_stays_in_page_cache_reads_the_free_memory():
+    from mergeflow.engine.units import stays_in_page_cache
+
+    assert stays_in_page_cache(1 << 20)
+    assert not stays_in_page_cache(1 << 60)
