@@ -348,6 +348,7 @@ def _cancellation_models(majority: int) -> tuple[dict, list[dict]]:
 @pytest.mark.parametrize("majority", [-1, 0, 1])
 @pytest.mark.parametrize("method, hp, kernels", [("ties", {"k": 1.0, "lam": 0.5}, True),
                                                  ("ties", {"k": 1.0, "lam": 0.5}, False),
+                                                 ("dare_ties", {"p": 0.0}, True),
                                                  ("dare_ties", {"p": 0.0}, False)])
 @pytest.mark.parametrize("agg", ["mean", "sum", "max"])
 def test_fused_majority_pass_resolves_exact_cancellations(tmp_path, majority, method, hp, kernels, agg):

@@ -164,7 +164,8 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
         raw = kernel_input(plan, unit, dtype(unit.name)) if plan.method.cpu_kernel else None
         if raw is not None:
             out = torch.empty(unit.elems, dtype=dtype(unit.name))
-            nonfinite, provisional = plan.method.cpu_kernel.merge(unit.name, raw, out, plan.params, stats)
+            nonfinite, provisional = plan.method.cpu_kernel.merge(unit.name, unit.offset, raw, out, plan.params,
+                                                                     stats)
             if nonfinite and first_pass:
                 read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
             return out, provisional

@@ -60,6 +60,7 @@ def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
             task_arithmetic.merge(raw, out, 1.0)
             task_arithmetic.merge(raw, out, [1.0, 1.0])
             ties.merge(raw, out, torch.zeros(2), 1.0, "mean")
+            ties.dare_ties_merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0, "mean")
             window.abs_delta_window(raw, torch.zeros(2), torch.ones(2))
             _prepared[(stored, output)].set()
     except Exception as e:  # the torch code serves every unit instead: slower, same bytes

@@ -46,15 +46,28 @@ def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: f
     sum of the elected signs, the positions whose value depends on the whole model's majority
     sign, and their merged float32 values for a majority of -1 and of 0.
     """
-    n, m = raw.shape[0] - 1, raw.shape[1]
     t = thresholds.to(torch.float32).reshape(-1).numpy()
     below = np.nextafter(t, np.float32(-np.inf)).astype(np.float32)  # |d| >= t is |d| > below
+    return _merged(raw, out, lam, agg, lambda *common: _loops(common[0], below, *common[1:]))
+
+
+def dare_ties_merge(raw: torch.Tensor, out: torch.Tensor, draws: np.ndarray, threshold: int, p: float,
+                    lam: float | list[float], agg: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """`merge` with DARE's drop instead of the trim: entry j of task i is kept where
+    draws[i, j] >= threshold (dare.keep_mask's rule), then rescaled by 1 / (1 - p)."""
+    keep_scale = np.float32(0.0 if p == 0.0 else 1.0 - p)
+    return _merged(raw, out, lam, agg, lambda *common: _dare_loops(
+        common[0], draws, np.uint32(threshold), keep_scale, *common[1:]))
+
+
+def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg: str, loops):
+    n, m = raw.shape[0] - 1, raw.shape[1]
     per_task = isinstance(lam, list)
     lams = np.asarray(lam if per_task else [1.0] * n, dtype=np.float32)
     scratch = thread_scratch("ties_scratch", (n + 3, m))
     open_flags = thread_scratch("ties_open", (m,), np.bool_)
     stored, scale, code = storage_array(raw), np.float32(0.0 if per_task else lam), AGG_CODES[agg]
-    signs = _loops(stored, below, lams, per_task, scale, code, storage_array(out), scratch, open_flags)
+    signs = loops(stored, lams, per_task, scale, code, storage_array(out), scratch, open_flags)
     positions = np.flatnonzero(open_flags)  # a SIMD scan: faster than compacting in the loop
     if_negative, if_zero = np.empty(positions.size, np.float32), np.empty(positions.size, np.float32)
     _open_values(stored[0], scratch, positions, per_task, scale, code, if_negative, if_zero)
@@ -68,11 +81,30 @@ def _loops(raw, below, lams, per_task, lam, agg, out, scratch, open_flags):
     lam: float32 scale (used if not per_task); agg: AGG_CODES; out: (m,) storage; scratch:
     (n + 3, m) float32; open_flags: (m,) bool, set where the value depends on the majority.
 
-    Returns the sum of the elected signs. Every loop below runs over
-    whole rows with its branches outside, so LLVM vectorises each one.
+    Returns the sum of the elected signs. Every loop below runs over whole rows with its
+    branches outside, so LLVM vectorises each one.
     """
-    n = raw.shape[0] - 1
-    _trim(raw, below, lams, per_task, scratch)
+    _trim(raw, below, scratch)
+    if per_task:
+        _scale_rows(scratch, raw.shape[0] - 1, lams)
+    return _elect_and_merge(raw[0], scratch, per_task, lam, agg, out, open_flags)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _dare_loops(raw, draws, threshold, keep_scale, lams, per_task, lam, agg, out, scratch, open_flags):
+    """`_loops` with DARE's drop instead of the trim: draws (n, m) uint32 are the entries'
+    random draws, an entry is kept where its draw >= threshold, and the task vectors are
+    multiplied by the 0/1 keep mask and divided by keep_scale = 1 - p (not at all for p = 0)."""
+    _drop(raw, draws, threshold, keep_scale, scratch)
+    if per_task:
+        _scale_rows(scratch, raw.shape[0] - 1, lams)
+    return _elect_and_merge(raw[0], scratch, per_task, lam, agg, out, open_flags)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _elect_and_merge(base, scratch, per_task, lam, agg, out, open_flags):
+    """From the task vectors in scratch[:n]: elected signs, disjoint aggregate, merged output."""
+    n = scratch.shape[0] - 3
     gamma, total, count = scratch[n], scratch[n + 1], scratch[n + 2]
     _sum_rows(scratch, n, gamma)  # summed in task order, like sum_over_tasks
     signs = np.int32(0)  # int32 vectorises; a unit has far fewer than 2**31 entries
@@ -84,25 +116,47 @@ def _loops(raw, below, lams, per_task, lam, agg, out, scratch, open_flags):
         _agreeing_max(scratch, n, gamma, total)
     else:
         _agreeing_sum_and_count(scratch, n, gamma, total, count)
-    _write(raw[0], gamma, total, count, per_task, lam, agg, out)
+    _write(base, gamma, total, count, per_task, lam, agg, out)
     for j in range(gamma.shape[0]):  # open: gamma = 0 and tau (now in total) > 0
         open_flags[j] = (gamma[j] == 0) & (total[j] > 0)
     return np.int64(signs)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _trim(raw, below, lams, per_task, scratch):
-    """scratch[i] = hardshrink(theta_i - theta_0, below_i) (* lams[i] with per-task lam)."""
+def _trim(raw, below, scratch):
+    """scratch[i] = hardshrink(theta_i - theta_0, below_i)."""
     base = raw[0]
     for i in range(raw.shape[0] - 1):
-        row, t_row, shrink, scale = raw[i + 1], scratch[i], below[i], lams[i]
+        row, t_row, shrink = raw[i + 1], scratch[i], below[i]
         for j in range(row.shape[0]):
             d = load(row[j]) - load(base[j])
             inside = (d >= -shrink) & (d <= shrink)  # `&`, not `and`: no branch in the loop
             t_row[j] = np.float32(0.0) if inside else d
-        if per_task:
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _drop(raw, draws, threshold, keep_scale, scratch):
+    """scratch[i] = (theta_i - theta_0) * keep_i / keep_scale, as dare.drop_and_rescale does it
+    (a dropped negative entry is -0.0); keep_scale = 0 means p = 0: the deltas as they are."""
+    base = raw[0]
+    for i in range(raw.shape[0] - 1):
+        row, t_row, row_draws = raw[i + 1], scratch[i], draws[i]
+        if keep_scale == 0:
             for j in range(row.shape[0]):
-                t_row[j] = t_row[j] * scale
+                t_row[j] = load(row[j]) - load(base[j])
+        else:
+            for j in range(row.shape[0]):
+                keep = np.float32(row_draws[j] >= threshold)
+                t_row[j] = (load(row[j]) - load(base[j])) * keep / keep_scale
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _scale_rows(scratch, n, lams):
+    """scratch[i] *= lams[i]: per-task lam, after the trim (or drop) and before the election."""
+    for i in range(n):
+        row, scale = scratch[i], lams[i]
+        for j in range(row.shape[0]):
+            row[j] = row[j] * scale
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

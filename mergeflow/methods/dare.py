@@ -26,9 +26,11 @@ import torch
 from pydantic import Field, field_validator
 
 from mergeflow.methods.base import (
+    CpuKernel,
     FusedLastPass,
     GlobalStats,
     Hyperparams,
+    Provisional,
     Reduce,
     StatPass,
     TensorGroup,
@@ -39,6 +41,7 @@ from mergeflow.methods.ties import (
     majority_sign,
     merge_elected,
     merge_elected_provisional,
+    resolve_with,
     scale_per_task,
     sign_count_values,
 )
@@ -74,15 +77,28 @@ def keep_mask(seed: int, name: str, task: int, numel_total: int, start: int, cou
     """Keep mask (float32, 1.0 = kept) for entries [start, start + count) of task `task`'s
     flattened tensor. Float, not bool: torch's CPU kernels are several times slower on bool.
 
-    Entry j of a block is kept when its uniform 32-bit draw u_j (the j-th little-endian half of
-    the block's PCG64 stream) has u_j / 2**32 >= p, so P(keep) = 1 - p (to 2**-32). Raw PCG64
-    words are ~3x faster to draw than torch.rand, and a block's stream can be advanced to any
-    entry, so a range starting mid-block draws only the numbers it uses. `out`: a contiguous
-    float32 CPU tensor of `count` entries to fill (returned)."""
+    Entry j is kept when its uniform 32-bit draw u_j (`draws`) has u_j / 2**32 >= p, so
+    P(keep) = 1 - p (to 2**-32). `out`: a contiguous float32 CPU tensor of `count` entries to
+    fill (returned)."""
     del numel_total  # the mask of an entry depends only on its position, not on the tensor size
     out = torch.empty(count, dtype=torch.float32) if out is None else out
-    mask = out.numpy()
-    threshold = np.uint32(min(math.ceil(p * 2**32), 2**32 - 1))
+    words = draws(seed, name, task, start, count)
+    np.greater_equal(words, keep_threshold(p), out=out.numpy(), casting="unsafe")
+    return out
+
+
+def keep_threshold(p: float) -> int:
+    """The smallest 32-bit draw that keeps its entry."""
+    return min(math.ceil(p * 2**32), 2**32 - 1)
+
+
+def draws(seed: int, name: str, task: int, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The uniform 32-bit draws (uint32) of entries [start, start + count) of task `task`'s
+    flattened tensor: entry j of a block of MASK_BLOCK entries takes the j-th little-endian half
+    of the block's PCG64 stream. Raw PCG64 words are ~3x faster to draw than torch.rand, and a
+    block's stream can be advanced to any entry, so a range starting mid-block draws only the
+    numbers it uses."""
+    out = np.empty(count, dtype=np.uint32) if out is None else out
     pos = start
     while pos < start + count:
         block, within = divmod(pos, MASK_BLOCK)
@@ -91,8 +107,7 @@ def keep_mask(seed: int, name: str, task: int, numel_total: int, start: int, cou
         words.advance(within // 2)  # two draws per 64-bit word
         skip = within % 2
         raw = words.random_raw((skip + take + 1) // 2).astype("<u8", copy=False)
-        draws = raw.view("<u4")[skip: skip + take]
-        np.greater_equal(draws, threshold, out=mask[pos - start: pos - start + take], casting="unsafe")
+        out[pos - start: pos - start + take] = raw.view("<u4")[skip: skip + take]
         pos += take
     return out
 
@@ -133,6 +148,29 @@ MAJORITY_PASS = StatPass(
 )
 
 
+def _dare_ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: DareTiesParams,
+                         stats: GlobalStats) -> tuple[int, Provisional]:
+    """The fused last pass of dare_ties in one kernel (mergeflow.kernels.ties), with the same
+    draws as `keep_mask`; open entries included."""
+    from mergeflow.kernels import thread_scratch
+    from mergeflow.kernels import ties as kernel
+
+    n, m = raw.shape[0] - 1, raw.shape[1]
+    if isinstance(params.lam, list) and len(params.lam) != n:
+        raise ValueError(f"lam has {len(params.lam)} values but there are {n} fine-tuned models")
+    words = thread_scratch("dare_draws", (n, m), np.uint32)
+    if params.p > 0.0:
+        for i in range(n):
+            draws(params.seed, name, i, offset, m, out=words[i])
+    signs, positions, if_negative, if_zero = kernel.dare_ties_merge(
+        raw, out, words, keep_threshold(params.p), params.p, params.lam, params.agg)
+    partial = torch.tensor([signs], dtype=torch.int64)
+    if not positions.size:
+        return 0, Provisional(torch.empty(0), partial)
+    resolve = resolve_with({-1.0: torch.from_numpy(if_negative), 0.0: torch.from_numpy(if_zero)})
+    return 0, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
+
+
 @register(
     "dare_ties",
     hyperparams=DareTiesParams,
@@ -143,6 +181,7 @@ MAJORITY_PASS = StatPass(
     fused_last_pass=FusedLastPass(
         "dare_ties_majority",
         lambda g, p, s: merge_elected_provisional(g.base, _dropped(g, p), p.agg, p.lam)),
+    cpu_kernel=CpuKernel(_dare_ties_fused_cpu),
 )
 def dare_ties(group: TensorGroup, params: DareTiesParams, stats: GlobalStats) -> torch.Tensor:
     return merge_elected(group.base, _dropped(group, params), params.agg, params.lam,

@@ -18,7 +18,7 @@ class TaskArithmeticParams(Hyperparams):
         0.3, description="scale of the summed task vectors, or one coefficient per task")
 
 
-def _fused_cpu(name: str, raw: torch.Tensor, out: torch.Tensor, params: TaskArithmeticParams,
+def _fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: TaskArithmeticParams,
                stats: GlobalStats) -> tuple[int, None]:
     from mergeflow.kernels import task_arithmetic as kernel
 

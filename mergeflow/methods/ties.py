@@ -199,10 +199,11 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
 def _resolver(sub_base: torch.Tensor, sub_trimmed: torch.Tensor, agg: str, lam: float | list[float]):
     """Provisional.resolve for the open entries: their values for a majority of -1 and of 0,
     computed now so nothing large is kept (None for +1: the provisional values stand)."""
-    return _resolve_with({m: merge_elected(sub_base, sub_trimmed, agg, lam, m).cpu() for m in (-1.0, 0.0)})
+    return resolve_with({m: merge_elected(sub_base, sub_trimmed, agg, lam, m).cpu() for m in (-1.0, 0.0)})
 
 
-def _resolve_with(other: dict[float, torch.Tensor]):
+def resolve_with(other: dict[float, torch.Tensor]):
+    """Provisional.resolve from the open entries' values for a majority of -1 and of 0."""
     return lambda sign_sum: other.get(majority_sign(sign_sum))
 
 
@@ -263,7 +264,7 @@ def _ties_provisional(group: TensorGroup, params: TiesParams, stats: GlobalStats
     return merge_elected_provisional(group.base, _trimmed(group, params, stats), params.agg, params.lam)
 
 
-def _ties_fused_cpu(name: str, raw: torch.Tensor, out: torch.Tensor, params: TiesParams,
+def _ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: TiesParams,
                     stats: GlobalStats) -> tuple[int, Provisional]:
     """`_ties_provisional` in one fused kernel (mergeflow.kernels.ties), open entries included."""
     from mergeflow.kernels import ties as kernel
@@ -277,7 +278,7 @@ def _ties_fused_cpu(name: str, raw: torch.Tensor, out: torch.Tensor, params: Tie
     partial = torch.tensor([signs], dtype=torch.int64)
     if not positions.size:
         return 0, Provisional(torch.empty(0), partial)
-    resolve = _resolve_with({-1.0: torch.from_numpy(if_negative), 0.0: torch.from_numpy(if_zero)})
+    resolve = resolve_with({-1.0: torch.from_numpy(if_negative), 0.0: torch.from_numpy(if_zero)})
     return 0, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
 
 
