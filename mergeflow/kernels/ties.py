@@ -12,8 +12,9 @@ same order, so the results are bitwise equal:
               max:  max_i agreeing_i * vote
   out       = tau * lam + theta_0   (scalar lam)   or   tau + theta_0   (per-task lam)
 Entries whose summed sign is exactly 0 and whose tau is not 0 depend on the whole model's
-majority sign; their positions are returned for the caller to resolve. Each loop runs over
-one row of scratch, so LLVM vectorises it.
+majority sign; their positions are returned with their values for a majority of -1 and of 0.
+DARE-TIES (`dare_ties_merge`) is the same with DARE's drop and rescale in place of the trim.
+Each loop runs over one row of scratch, with its branches outside, so LLVM vectorises it.
 """
 
 from __future__ import annotations
