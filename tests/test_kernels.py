@@ -63,6 +63,9 @@ CASES = [
     ("ties", {"k": 1.0, "agg": "mean"}),
     ("ties", {"k": 0.0, "agg": "sum"}),
     ("ties", {"k": 0.2, "trim_scope": "tensor", "agg": "mean"}),
+    ("dare", {"p": 0.3, "lam": 0.7, "seed": 4}),
+    ("dare", {"p": 0.0, "lam": [0.5, -1.0, 2.0]}),
+    ("dare", {"p": 0.9, "lam": [1.0, 0.3, 0.6], "seed": 2}),
     ("dare_ties", {"p": 0.3, "agg": "mean", "seed": 1}),
     ("dare_ties", {"p": 0.0, "agg": "max"}),
     ("dare_ties", {"p": 0.9, "lam": [0.5, 1.0, 2.0], "agg": "sum", "seed": 5}),
@@ -147,7 +150,7 @@ def test_float16_inputs_take_the_torch_path_with_the_same_numbers(tmp_path):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_bf16_input_is_refused_on_the_fused_path(tmp_path, method, bad):
     base, fts = _grid_models(2, torch.bfloat16)
@@ -200,19 +203,22 @@ def test_merge_falls_back_to_the_torch_code_when_the_kernels_cannot_load(tmp_pat
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("p", [0.3, 0.9])
-def test_fused_dare_ties_rescales_like_torch_on_random_deltas(tmp_path, monkeypatch, dtype, p):
+@pytest.mark.parametrize("method", ["dare", "dare_ties"])
+def test_fused_dare_rescales_like_torch_on_random_deltas(tmp_path, monkeypatch, dtype, p, method):
     # Off-grid deltas: dividing by 1 - p rounds differently from multiplying by its inverse.
+    from mergeflow.kernels import dare as dare_kernel
     from mergeflow.kernels import ties as ties_kernel
 
+    module, attr = (dare_kernel, "merge") if method == "dare" else (ties_kernel, "dare_ties_merge")
     calls = []
-    real = ties_kernel.dare_ties_merge
-    monkeypatch.setattr(ties_kernel, "dare_ties_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(module, attr)
+    monkeypatch.setattr(module, attr, lambda *a, **k: calls.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(11)
     base = {"w": torch.randn(64, 33, generator=g).to(dtype)}
     fts = [{"w": (base["w"].float() + 0.01 * torch.randn(64, 33, generator=g)).to(dtype)} for _ in range(3)]
     dirs = _write_all(tmp_path, base, fts)
-    hp = {"p": p, "agg": "mean", "seed": 2}
+    hp = {"p": p, "seed": 2, **({"agg": "mean"} if method == "dare_ties" else {"lam": 0.6})}
     common = dict(progress=False, chunk_elems=500, input_hashes=["h"] * 4)
-    fused = merge_checkpoints("dare_ties", dirs[0], dirs[1:], tmp_path / "f", hp, **common)
-    plain = merge_checkpoints("dare_ties", dirs[0], dirs[1:], tmp_path / "t", hp, cpu_kernels=False, **common)
+    fused = merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "f", hp, **common)
+    plain = merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "t", hp, cpu_kernels=False, **common)
     assert calls and fused.output_hash == plain.output_hash

@@ -24,6 +24,7 @@ import torch
 from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
+from mergeflow.kernels.rows import drop_rows, scale_rows, sum_rows
 from mergeflow.kernels.storage import load, store
 
 AGG_CODES = {"mean": 0, "sum": 1, "max": 2}
@@ -87,7 +88,7 @@ def _loops(raw, below, lams, per_task, lam, agg, out, scratch, open_flags):
     """
     _trim(raw, below, scratch)
     if per_task:
-        _scale_rows(scratch, raw.shape[0] - 1, lams)
+        scale_rows(scratch, raw.shape[0] - 1, lams)
     return _elect_and_merge(raw[0], scratch, per_task, lam, agg, out, open_flags)
 
 
@@ -96,9 +97,9 @@ def _dare_loops(raw, draws, threshold, keep_scale, lams, per_task, lam, agg, out
     """`_loops` with DARE's drop instead of the trim: draws (n, m) uint32 are the entries'
     random draws, an entry is kept where its draw >= threshold, and the task vectors are
     multiplied by the 0/1 keep mask and divided by keep_scale = 1 - p (not at all for p = 0)."""
-    _drop(raw, draws, threshold, keep_scale, scratch)
+    drop_rows(raw, draws, threshold, keep_scale, scratch)
     if per_task:
-        _scale_rows(scratch, raw.shape[0] - 1, lams)
+        scale_rows(scratch, raw.shape[0] - 1, lams)
     return _elect_and_merge(raw[0], scratch, per_task, lam, agg, out, open_flags)
 
 
@@ -107,7 +108,7 @@ def _elect_and_merge(base, scratch, per_task, lam, agg, out, open_flags):
     """From the task vectors in scratch[:n]: elected signs, disjoint aggregate, merged output."""
     n = scratch.shape[0] - 3
     gamma, total, count = scratch[n], scratch[n + 1], scratch[n + 2]
-    _sum_rows(scratch, n, gamma)  # summed in task order, like sum_over_tasks
+    sum_rows(scratch, n, gamma)  # summed in task order, like sum_over_tasks
     signs = np.int32(0)  # int32 vectorises; a unit has far fewer than 2**31 entries
     for j in range(gamma.shape[0]):
         g = _sign(gamma[j])
@@ -133,47 +134,6 @@ def _trim(raw, below, scratch):
             d = load(row[j]) - load(base[j])
             inside = (d >= -shrink) & (d <= shrink)  # `&`, not `and`: no branch in the loop
             t_row[j] = np.float32(0.0) if inside else d
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _drop(raw, draws, threshold, keep_scale, scratch):
-    """scratch[i] = (theta_i - theta_0) * keep_i / keep_scale, as dare.drop_and_rescale does it
-    (a dropped negative entry is -0.0); keep_scale = 0 means p = 0: the deltas as they are."""
-    base = raw[0]
-    for i in range(raw.shape[0] - 1):
-        row, t_row, row_draws = raw[i + 1], scratch[i], draws[i]
-        if keep_scale == 0:
-            for j in range(row.shape[0]):
-                t_row[j] = load(row[j]) - load(base[j])
-        else:
-            for j in range(row.shape[0]):
-                keep = np.float32(row_draws[j] >= threshold)
-                t_row[j] = (load(row[j]) - load(base[j])) * keep / keep_scale
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _scale_rows(scratch, n, lams):
-    """scratch[i] *= lams[i]: per-task lam, after the trim (or drop) and before the election."""
-    for i in range(n):
-        row, scale = scratch[i], lams[i]
-        for j in range(row.shape[0]):
-            row[j] = row[j] * scale
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _sum_rows(scratch, n, into):
-    first = scratch[0]
-    if n == 1:
-        for j in range(into.shape[0]):
-            into[j] = first[j]
-        return
-    second = scratch[1]
-    for j in range(into.shape[0]):
-        into[j] = first[j] + second[j]
-    for i in range(2, n):
-        row = scratch[i]
-        for j in range(into.shape[0]):
-            into[j] += row[j]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

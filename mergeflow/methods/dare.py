@@ -124,12 +124,40 @@ def drop_and_rescale(group: TensorGroup, p: float, seed: int) -> torch.Tensor:
     return deltas.mul_(masks.reshape(deltas.shape).to(deltas.device)).div_(1.0 - p)  # deltas is fresh
 
 
+def _unit_draws(name: str, offset: int, n: int, m: int, params: DareParams) -> np.ndarray:
+    """The draws of a unit's m entries from flat `offset`, one row per task (a reused buffer)."""
+    from mergeflow.kernels import thread_scratch
+
+    words = thread_scratch("dare_draws", (n, m), np.uint32)
+    if params.p > 0.0:  # p = 0 keeps everything: no draws needed
+        for i in range(n):
+            draws(params.seed, name, i, offset, m, out=words[i])
+    return words
+
+
+def _check_lam(lam: float | list[float], n: int) -> None:
+    if isinstance(lam, list) and len(lam) != n:
+        raise ValueError(f"lam has {len(lam)} values but there are {n} fine-tuned models")
+
+
+def _dare_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: DareParams,
+                    stats: GlobalStats) -> tuple[int, None]:
+    """`dare` in one kernel (mergeflow.kernels.dare), with the same draws as `keep_mask`."""
+    from mergeflow.kernels import dare as kernel
+
+    n, m = raw.shape[0] - 1, raw.shape[1]
+    _check_lam(params.lam, n)
+    words = _unit_draws(name, offset, n, m, params)
+    return kernel.merge(raw, out, words, keep_threshold(params.p), params.p, params.lam), None
+
+
 @register(
     "dare",
     hyperparams=DareParams,
     paper=PAPER,
     summary="random drop (p) and 1/(1-p) rescale of task vectors, then task arithmetic",
     elementwise=True,
+    cpu_kernel=CpuKernel(_dare_fused_cpu),
 )
 def dare(group: TensorGroup, params: DareParams, stats: GlobalStats) -> torch.Tensor:
     tau = drop_and_rescale(group, params.p, params.seed)
@@ -152,16 +180,11 @@ def _dare_ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.T
                          stats: GlobalStats) -> tuple[int, Provisional]:
     """The fused last pass of dare_ties in one kernel (mergeflow.kernels.ties), with the same
     draws as `keep_mask`; open entries included."""
-    from mergeflow.kernels import thread_scratch
     from mergeflow.kernels import ties as kernel
 
     n, m = raw.shape[0] - 1, raw.shape[1]
-    if isinstance(params.lam, list) and len(params.lam) != n:
-        raise ValueError(f"lam has {len(params.lam)} values but there are {n} fine-tuned models")
-    words = thread_scratch("dare_draws", (n, m), np.uint32)
-    if params.p > 0.0:
-        for i in range(n):
-            draws(params.seed, name, i, offset, m, out=words[i])
+    _check_lam(params.lam, n)
+    words = _unit_draws(name, offset, n, m, params)
     signs, positions, if_negative, if_zero = kernel.dare_ties_merge(
         raw, out, words, keep_threshold(params.p), params.p, params.lam, params.agg)
     partial = torch.tensor([signs], dtype=torch.int64)

@@ -1,0 +1,51 @@
+"""DARE with Task Arithmetic fused over the stored inputs (the method `dare`).
+
+Exactly the float32 operations of `mergeflow.methods.dare.dare`, in the same order:
+  tau~_i = (theta_i - theta_0) * keep_i / (1 - p)      (the deltas as they are for p = 0)
+  out    = theta_0 + lam * sum_i tau~_i                (scalar lam)
+           theta_0 + sum_i lam_i * tau~_i              (per-task lam)
+with keep_i from the same random draws as `dare.keep_mask`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from mergeflow.kernels import storage_array, thread_scratch
+from mergeflow.kernels.rows import count_nonfinite, drop_rows, scale_rows, sum_rows
+from mergeflow.kernels.storage import load, store
+
+
+def merge(raw: torch.Tensor, out: torch.Tensor, draws: np.ndarray, threshold: int, p: float,
+          lam: float | list[float]) -> int:
+    """DARE into `out` from the stacked stored values raw (n + 1, m), base first; entry j of
+    task i is kept where draws[i, j] >= threshold. Returns how many input values are not finite."""
+    n, m = raw.shape[0] - 1, raw.shape[1]
+    per_task = isinstance(lam, list)
+    lams = np.asarray(lam if per_task else [1.0] * n, dtype=np.float32)
+    keep_scale = np.float32(0.0 if p == 0.0 else 1.0 - p)
+    scratch = thread_scratch("dare_scratch", (n + 1, m))
+    return int(_loops(storage_array(raw), draws, np.uint32(threshold), keep_scale, lams, per_task,
+                      np.float32(0.0 if per_task else lam), storage_array(out), scratch))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _loops(raw, draws, threshold, keep_scale, lams, per_task, lam, out, scratch):
+    n = raw.shape[0] - 1
+    drop_rows(raw, draws, threshold, keep_scale, scratch)
+    if per_task:
+        scale_rows(scratch, n, lams)
+    total = scratch[n]
+    sum_rows(scratch, n, total)
+    base = raw[0]
+    if per_task:
+        for j in range(total.shape[0]):
+            merged = load(base[j]) + total[j]
+            store(out, j, merged)
+    else:
+        for j in range(total.shape[0]):
+            merged = load(base[j]) + lam * total[j]
+            store(out, j, merged)
+    return count_nonfinite(raw)
