@@ -150,7 +150,7 @@ def test_float16_inputs_take_the_torch_path_with_the_same_numbers(tmp_path):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "dare_ties"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_bf16_input_is_refused_on_the_fused_path(tmp_path, method, bad):
     base, fts = _grid_models(2, torch.bfloat16)
@@ -222,3 +222,16 @@ def test_fused_dare_rescales_like_torch_on_random_deltas(tmp_path, monkeypatch, 
     fused = merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "f", hp, **common)
     plain = merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "t", hp, cpu_kernels=False, **common)
     assert calls and fused.output_hash == plain.output_hash
+
+
+def test_methods_without_kernels_do_not_load_them(tmp_path, monkeypatch):
+    from mergeflow import kernels
+
+    asked = []
+    monkeypatch.setattr(kernels, "prepare", lambda pairs: asked.append(pairs))
+    base, fts = _grid_models(2, torch.bfloat16)
+    dirs = _write_all(tmp_path, base, fts)
+    merge_checkpoints("pcb", dirs[0], dirs[1:], tmp_path / "a", {"ratio": 0.3}, progress=False, input_hashes=["h"] * 3)
+    assert asked == []
+    merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "b", {}, progress=False, input_hashes=["h"] * 3)
+    assert asked == [{(torch.bfloat16, torch.bfloat16)}]

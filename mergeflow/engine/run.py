@@ -163,12 +163,7 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
             return plan.base.read(unit.name, unit.row_start, unit.row_end), None
         raw = kernel_input(plan, unit, dtype(unit.name)) if plan.method.cpu_kernel else None
         if raw is not None:
-            out = torch.empty(unit.elems, dtype=dtype(unit.name))
-            nonfinite, provisional = plan.method.cpu_kernel.merge(unit.name, unit.offset, raw, out, plan.params,
-                                                                     stats)
-            if nonfinite and first_pass:
-                read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
-            return out, provisional
+            return _merged_by_kernel(plan, unit, raw, dtype(unit.name), stats, check_finite=first_pass)
         group = read_group(plan, unit, check_finite=first_pass)
         provisional = fused.merge(group, plan.params, stats) if fused else None
         merged = provisional.merged if provisional else plan.method.merge_tensor(group, plan.params, stats)
@@ -214,6 +209,16 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
         writer.write_text("README.md", model_card(manifest))
     return MergeResult(out_dir, output_hash, manifest, time.perf_counter() - t0,
                        {k: v.tolist() for k, v in stats.items()})
+
+
+def _merged_by_kernel(plan: MergePlan, unit: Unit, raw: torch.Tensor, dtype: torch.dtype, stats: GlobalStats,
+                      *, check_finite: bool) -> tuple[torch.Tensor, Provisional | None]:
+    """The unit merged by the method's fused CPU kernel from its stacked stored values `raw`."""
+    out = torch.empty(unit.elems, dtype=dtype)
+    nonfinite, provisional = plan.method.cpu_kernel.merge(unit.name, unit.offset, raw, out, plan.params, stats)
+    if nonfinite and check_finite:
+        read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
+    return out, provisional
 
 
 class BackgroundDigest:

@@ -53,7 +53,7 @@ def wait_ready(stored: torch.dtype, output: torch.dtype, timeout: float | None =
 
 def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
     try:
-        from mergeflow.kernels import dare, task_arithmetic, ties, window
+        from mergeflow.kernels import dare, rows, task_arithmetic, ties, window
 
         for stored, output in pairs:  # each call compiles (or loads) one specialisation
             raw, out = torch.zeros((3, 8), dtype=stored), torch.empty(8, dtype=output)
@@ -62,6 +62,7 @@ def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
             ties.merge(raw, out, torch.zeros(2), 1.0, "mean")
             ties.dare_ties_merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0, "mean")
             dare.merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0)
+            rows.count_nonfinite(storage_array(raw))
             window.abs_delta_window(raw, torch.zeros(2), torch.ones(2))
             _prepared[(stored, output)].set()
     except Exception as e:  # the torch code serves every unit instead: slower, same bytes

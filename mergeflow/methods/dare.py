@@ -179,19 +179,23 @@ MAJORITY_PASS = StatPass(
 def _dare_ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: DareTiesParams,
                          stats: GlobalStats) -> tuple[int, Provisional]:
     """The fused last pass of dare_ties in one kernel (mergeflow.kernels.ties), with the same
-    draws as `keep_mask`; open entries included."""
+    draws as `keep_mask`; open entries included. It is dare_ties's only pass, so it also counts
+    the non-finite inputs."""
+    from mergeflow.kernels import storage_array
     from mergeflow.kernels import ties as kernel
+    from mergeflow.kernels.rows import count_nonfinite
 
     n, m = raw.shape[0] - 1, raw.shape[1]
     _check_lam(params.lam, n)
     words = _unit_draws(name, offset, n, m, params)
     signs, positions, if_negative, if_zero = kernel.dare_ties_merge(
         raw, out, words, keep_threshold(params.p), params.p, params.lam, params.agg)
+    nonfinite = int(count_nonfinite(storage_array(raw)))
     partial = torch.tensor([signs], dtype=torch.int64)
     if not positions.size:
-        return 0, Provisional(torch.empty(0), partial)
+        return nonfinite, Provisional(torch.empty(0), partial)
     resolve = resolve_with({-1.0: torch.from_numpy(if_negative), 0.0: torch.from_numpy(if_zero)})
-    return 0, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
+    return nonfinite, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
 
 
 @register(
