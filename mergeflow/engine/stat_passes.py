@@ -34,11 +34,11 @@ def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = 
     stats: dict[str, torch.Tensor] = {}
     float_units = [u for u in plan.units if u.name in plan.float_names]
     checked = False  # the first pass that reads the inputs also checks them for NaN/inf
-    cached = stays_in_page_cache(plan.input_bytes)  # then passes after the first skip read-ahead hints
+    cached = stays_in_page_cache(plan.input_bytes)  # then reads after the first skip read-ahead hints
     for i, stat_pass in enumerate(separate_passes(plan)):
         if stat_pass.reductions(plan.params):
             stats.update(_run_stat_pass(plan, stat_pass, stats, float_units, check_finite=not checked,
-                                        read_ahead=not (checked and cached),
+                                        inputs_cached=cached,
                                         workers=workers, progress=progress, label=f"stat pass {i + 1}",
                                         kth_cap=kth_cap, kth_sample=kth_sample))
             checked = True
@@ -46,7 +46,7 @@ def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = 
 
 
 def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, units: list[Unit], *,
-                   check_finite: bool, read_ahead: bool, workers: int, progress: bool, label: str, kth_cap: int,
+                   check_finite: bool, inputs_cached: bool, workers: int, progress: bool, label: str, kth_cap: int,
                    kth_sample: int) -> dict[str, torch.Tensor]:
     """One StatPass: its reductions over the whole model, or per tensor (Reduce scope "tensor").
 
@@ -84,8 +84,9 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
             return reductions[key(unit)].summarize(stat_pass.values(group, plan.params, stats))
 
         last = {key(u): u for u in todo}
-        # a later round re-reads units this pass just read: no hints while they stay cached
-        hints = read_ahead if round_no == 0 else not stays_in_page_cache(plan.input_bytes)
+        # Only the first read of the inputs (the one that checks them) needs read-ahead hints
+        # while they stay in the page cache.
+        hints = (check_finite and round_no == 0) or not inputs_cached
         for unit, partial in zip(todo, run_units(plan, todo, work, workers, progress, f"{label}.{round_no + 1}",
                                                  hints), strict=True):
             k = key(unit)

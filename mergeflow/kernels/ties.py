@@ -50,7 +50,7 @@ def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: f
     """
     t = thresholds.to(torch.float32).reshape(-1).numpy()
     below = np.nextafter(t, np.float32(-np.inf)).astype(np.float32)  # |d| >= t is |d| > below
-    return _merged(raw, out, lam, agg, lambda *common: _loops(common[0], below, *common[1:]))
+    return _merged(raw, out, lam, agg, _loops, below)
 
 
 def dare_ties_merge(raw: torch.Tensor, out: torch.Tensor, draws: np.ndarray, threshold: int, p: float,
@@ -58,18 +58,19 @@ def dare_ties_merge(raw: torch.Tensor, out: torch.Tensor, draws: np.ndarray, thr
     """`merge` with DARE's drop instead of the trim: entry j of task i is kept where
     draws[i, j] >= threshold (dare.keep_mask's rule), then rescaled by 1 / (1 - p)."""
     keep_scale = np.float32(0.0 if p == 0.0 else 1.0 - p)
-    return _merged(raw, out, lam, agg, lambda *common: _dare_loops(
-        common[0], draws, np.uint32(threshold), keep_scale, *common[1:]))
+    return _merged(raw, out, lam, agg, _dare_loops, draws, np.uint32(threshold), keep_scale)
 
 
-def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg: str, loops):
+def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg: str, loops, *stage_args):
+    """Run `loops(stored, *stage_args, lams, per_task, lam, agg, out, scratch, open_flags)` (the
+    TIES or DARE-TIES kernel) and gather the open entries."""
     n, m = raw.shape[0] - 1, raw.shape[1]
     per_task = isinstance(lam, list)
     lams = np.asarray(lam if per_task else [1.0] * n, dtype=np.float32)
     scratch = thread_scratch("ties_scratch", (n + 3, m))
     open_flags = thread_scratch("ties_open", (m,), np.bool_)
     stored, scale, code = storage_array(raw), np.float32(0.0 if per_task else lam), AGG_CODES[agg]
-    signs = loops(stored, lams, per_task, scale, code, storage_array(out), scratch, open_flags)
+    signs = loops(stored, *stage_args, lams, per_task, scale, code, storage_array(out), scratch, open_flags)
     positions = np.flatnonzero(open_flags)  # a SIMD scan: faster than compacting in the loop
     if_negative, if_zero = np.empty(positions.size, np.float32), np.empty(positions.size, np.float32)
     _open_values(stored[0], scratch, positions, per_task, scale, code, if_negative, if_zero)

@@ -38,10 +38,10 @@ from mergeflow.methods.base import (
 )
 from mergeflow.methods.registry import register
 from mergeflow.methods.ties import (
+    kernel_provisional,
     majority_sign,
     merge_elected,
     merge_elected_provisional,
-    resolve_with,
     scale_per_task,
     sign_count_values,
 )
@@ -135,19 +135,12 @@ def _unit_draws(name: str, offset: int, n: int, m: int, params: DareParams) -> n
     return words
 
 
-def _check_lam(lam: float | list[float], n: int) -> None:
-    if isinstance(lam, list) and len(lam) != n:
-        raise ValueError(f"lam has {len(lam)} values but there are {n} fine-tuned models")
-
-
 def _dare_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: DareParams,
                     stats: GlobalStats) -> tuple[int, None]:
     """`dare` in one kernel (mergeflow.kernels.dare), with the same draws as `keep_mask`."""
     from mergeflow.kernels import dare as kernel
 
-    n, m = raw.shape[0] - 1, raw.shape[1]
-    _check_lam(params.lam, n)
-    words = _unit_draws(name, offset, n, m, params)
+    words = _unit_draws(name, offset, raw.shape[0] - 1, raw.shape[1], params)
     return kernel.merge(raw, out, words, keep_threshold(params.p), params.p, params.lam), None
 
 
@@ -185,17 +178,9 @@ def _dare_ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.T
     from mergeflow.kernels import ties as kernel
     from mergeflow.kernels.rows import count_nonfinite
 
-    n, m = raw.shape[0] - 1, raw.shape[1]
-    _check_lam(params.lam, n)
-    words = _unit_draws(name, offset, n, m, params)
-    signs, positions, if_negative, if_zero = kernel.dare_ties_merge(
-        raw, out, words, keep_threshold(params.p), params.p, params.lam, params.agg)
-    nonfinite = int(count_nonfinite(storage_array(raw)))
-    partial = torch.tensor([signs], dtype=torch.int64)
-    if not positions.size:
-        return nonfinite, Provisional(torch.empty(0), partial)
-    resolve = resolve_with({-1.0: torch.from_numpy(if_negative), 0.0: torch.from_numpy(if_zero)})
-    return nonfinite, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
+    words = _unit_draws(name, offset, raw.shape[0] - 1, raw.shape[1], params)
+    result = kernel.dare_ties_merge(raw, out, words, keep_threshold(params.p), params.p, params.lam, params.agg)
+    return kernel_provisional(int(count_nonfinite(storage_array(raw))), *result)
 
 
 @register(

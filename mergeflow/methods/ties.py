@@ -207,6 +207,16 @@ def resolve_with(other: dict[float, torch.Tensor]):
     return lambda sign_sum: other.get(majority_sign(sign_sum))
 
 
+def kernel_provisional(nonfinite: int, signs: int, positions: np.ndarray, if_negative: np.ndarray,
+                       if_zero: np.ndarray) -> tuple[int, Provisional]:
+    """A CpuKernel's result from what mergeflow.kernels.ties returns for a unit."""
+    partial = torch.tensor([signs], dtype=torch.int64)
+    if not positions.size:
+        return nonfinite, Provisional(torch.empty(0), partial)
+    resolve = resolve_with({-1.0: torch.from_numpy(if_negative), 0.0: torch.from_numpy(if_zero)})
+    return nonfinite, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
+
+
 def combine(base: torch.Tensor, tau_m: torch.Tensor, lam: float | list[float]) -> torch.Tensor:
     """theta_0 + lam * tau_m (scalar lam); per-task lam was applied before the election.
 
@@ -269,17 +279,10 @@ def _ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor
     """`_ties_provisional` in one fused kernel (mergeflow.kernels.ties), open entries included."""
     from mergeflow.kernels import ties as kernel
 
-    n = raw.shape[0] - 1
-    if isinstance(params.lam, list) and len(params.lam) != n:
-        raise ValueError(f"lam has {len(params.lam)} values but there are {n} fine-tuned models")
     thresholds = (stats["ties_threshold"] if params.trim_scope == "global"
                   else stats[tensor_stat("ties_tensor_threshold", name)])
-    signs, positions, if_negative, if_zero = kernel.merge(raw, out, thresholds, params.lam, params.agg)
-    partial = torch.tensor([signs], dtype=torch.int64)
-    if not positions.size:
-        return 0, Provisional(torch.empty(0), partial)
-    resolve = resolve_with({-1.0: torch.from_numpy(if_negative), 0.0: torch.from_numpy(if_zero)})
-    return 0, Provisional(torch.empty(0), partial, torch.from_numpy(positions).to(torch.int32), resolve)
+    # the trim pass before it checked the inputs for NaN/inf: 0 non-finite here
+    return kernel_provisional(0, *kernel.merge(raw, out, thresholds, params.lam, params.agg))
 
 
 @register(
