@@ -8,6 +8,7 @@ subprocess (clean peak RSS, from getrusage in the child) and prints one table:
   ties/global      official TIES (k 0.2, whole-model trim: exact streaming quantiles)
   ties/tensor      mergekit-style per-tensor trim
   dare_ties        p 0.9
+  dare             p 0.9, then task arithmetic
   pcb              PCB-Merging, nlp variant (ratio 0.1, clip 0.01): exact streaming quantiles/min/max
   pcb/vision_es    PCB-Merging, vision_es variant (ratio 0.05)
 Wall and CPU (user + system) times are measured inside each child around the work (imports
@@ -50,6 +51,7 @@ CASES = {
     "ties/global": ("ties", {"k": 0.2, "lam": 1.0}),
     "ties/tensor": ("ties", {"k": 0.2, "lam": 1.0, "trim_scope": "tensor"}),
     "dare_ties": ("dare_ties", {"p": 0.9, "lam": 1.0, "seed": 0}),
+    "dare": ("dare", {"p": 0.9, "lam": 1.0, "seed": 0}),
     "pcb": ("pcb", {"ratio": 0.1, "variant": "nlp", "clip": 0.01, "lam": 1.0}),
     "pcb/vision_es": ("pcb", {"ratio": 0.05, "variant": "vision_es", "clip": 0.01, "lam": 1.0}),
 }
