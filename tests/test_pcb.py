@@ -10,7 +10,15 @@ import torch
 
 from mergeflow.merging import global_stats, merge
 from mergeflow.methods import TensorGroup, get_method
-from mergeflow.methods.pcb import CLIP_HIGH, CLIP_LOW, SCORE_CUT, SCORE_MAX, clipped_and_scale
+from mergeflow.methods.pcb import (
+    CLIP_HIGH,
+    CLIP_LOW,
+    SCORE_CUT,
+    SCORE_MAX,
+    TANH_IS_IDENTITY_BELOW,
+    clipped_and_scale,
+    tanh_,
+)
 
 # ---- the official code, transcribed literally (flatten, sort, clamp, normalize, ...) -----------
 
@@ -415,3 +423,25 @@ def test_merge_on_candidates_only_equals_the_full_formula_bitwise(variant):
     assert torch.equal(on_candidates.view(torch.int32), full.view(torch.int32))
     # and the zero entries really differ in sign: +0.0 unless all three taus were negative
     assert full.view(-1)[zero_at].view(torch.int32).tolist() == [0, -(2**31), 0, 0]
+
+
+def _float32_bits_between(low_bits: int, high_bits: int, step: int) -> torch.Tensor:
+    return torch.arange(low_bits, high_bits, step, dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("fraction_large", [0.0, 0.1, 0.9])
+def test_tanh_shortcut_is_bitwise_torch_tanh(fraction_large):
+    """pcb's tanh_ skips |x| < 2**-12, where tanh(x) rounds to x; it must match torch.tanh on
+    every bit pattern, on both of its branches (few entries to compute, or most)."""
+    def bits(x: float) -> int:
+        return torch.tensor(x, dtype=torch.float32).view(torch.int32).item()
+    edge = bits(TANH_IS_IDENTITY_BELOW)
+    tiny = _float32_bits_between(0, bits(2.0**-8), 997)  # a spread of every float32 up to past the edge
+    around = _float32_bits_between(edge - 4096, edge + 4096, 1)  # both sides of the edge
+    specials = torch.tensor([0.0, math.inf, math.nan, 1e-45, 0.5, 3.0, 20.0])
+    g = torch.Generator().manual_seed(0)
+    large = torch.randn(int(fraction_large * len(tiny) / (1 - fraction_large)), generator=g)
+    values = torch.cat([tiny, around, specials, large])
+    values = torch.cat([values, -values])[torch.randperm(2 * len(values), generator=g)]
+    got = tanh_(values.clone())
+    assert torch.equal(got.view(torch.int32), torch.tanh(values).view(torch.int32))

@@ -89,6 +89,18 @@ def nonzero_positions(flat: torch.Tensor) -> torch.Tensor:
     return flat.nonzero().squeeze(1)
 
 
+_NEGATIVE_ZERO_BITS = -(2**31)  # float32 -0.0 viewed as int32
+
+
+def negative_zeros(values: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the -0.0 entries of a float32 tensor (the only zeros where a zero added to
+    them keeps its sign in the sum: -0.0 + -0.0 is -0.0, -0.0 + +0.0 is +0.0)."""
+    bits = values.contiguous().view(torch.int32)
+    if bits.device.type == "cpu":  # numpy: ~3x faster than torch's CPU compare to bool
+        return torch.from_numpy(bits.numpy() == _NEGATIVE_ZERO_BITS)
+    return bits == _NEGATIVE_ZERO_BITS
+
+
 def sum_over_tasks(values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """sum_i values[i] (a stacked tensor or a list of rows) added in task order, so every entry's
     rounding is independent of chunking."""
