@@ -235,3 +235,23 @@ def test_methods_without_kernels_do_not_load_them(tmp_path, monkeypatch):
     assert asked == []
     merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "b", {}, progress=False, input_hashes=["h"] * 3)
     assert asked == [{(torch.bfloat16, torch.bfloat16)}]
+
+
+@pytest.mark.parametrize("method, hp", [("ties", {"k": 1.0, "lam": [0.9, -0.4], "agg": "mean"}),
+                                        ("ties", {"k": 1.0, "lam": [0.9, -0.4], "agg": "max"}),
+                                        ("dare_ties", {"p": 0.0, "lam": [0.9, -0.4], "agg": "sum"})])
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "torch"])
+def test_a_zero_vote_on_a_negative_zero_base_waits_for_the_majority(tmp_path, method, hp, cpu_kernels):
+    """Entries 2 and 4: zero deltas (scaled to +0.0 and -0.0 by the lams), so gamma = 0 and tau
+    is a zero whose sign depends on the whole model's majority (-1 here); on a -0.0 base that
+    sign shows in the output, so the engine must resolve them like the in-memory merge."""
+    base = {"a": torch.tensor([-0.0, 1.0, -0.0, 1.0, -0.0, 1.0])}
+    fts = [{"a": torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0, 0.5])},
+           {"a": torch.tensor([-0.5, 1.0, 0.0, 1.0, 0.0, 1.5])}]
+    dirs = _write_all(tmp_path, base, fts)
+    merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "o", hp, progress=False, input_hashes=["h"] * 3,
+                      cpu_kernels=cpu_kernels)
+    expected = mergeflow.merge(method, base, fts, **hp)["a"]
+    assert expected[2].signbit() and expected[4].signbit()  # the case this test is about
+    got = load_state_dict(tmp_path / "o")["a"]
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))

@@ -163,3 +163,22 @@ def test_nonzero_positions_matches_torch_nonzero(dtype):
 
     flat = torch.tensor([0.0, -0.0, 1.5, float("nan"), 0.0, -2.0, float("inf")]).to(dtype)
     assert torch.equal(nonzero_positions(flat), flat.nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("agg", ["mean", "sum", "max"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_signed_zeros_match_the_official_code_bit_for_bit(agg, seed):
+    """Where the base is -0.0 the sign of a zero aggregate shows in theta_0 + lam * tau_m; the
+    official code's signed zeros (|selected|.max() is +0.0, say) must come out the same."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (8, 6), "b.bias": (12,)}
+    base = {k: torch.randint(-2, 3, s, generator=g).float() / 2 for k, s in shapes.items()}
+    base = {k: torch.where(v == 0, -0.0, v) for k, v in base.items()}
+    taus = [{k: torch.randint(-2, 3, s, generator=g).float() / 4 for k, s in shapes.items()} for _ in range(3)]
+    fts = _models(base, taus)
+    keys = sorted(shapes)
+    flat = torch.stack([torch.cat([(ft[k] - base[k]).reshape(-1) for k in keys]) for ft in fts])
+    expected = torch.cat([base[k].reshape(-1) for k in keys]) + 0.7 * _official_ties(flat, 0.4, agg)
+    out = mergeflow.merge("ties", base, fts, k=0.4, lam=0.7, agg=agg)
+    got = torch.cat([out[k].reshape(-1) for k in keys])
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))

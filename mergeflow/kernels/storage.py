@@ -75,3 +75,15 @@ def _is_finite(value):
     def finite(value):
         return np.int64(abs(value) < np.float32(np.inf))
     return finite
+
+
+def is_negative_zero(value):
+    """True if the stored value is -0.0 (bf16 bits 0x8000, or a float32 -0.0)."""
+
+
+@overload(is_negative_zero, inline="always")
+def _is_negative_zero(value):
+    def negative_zero(value):
+        x = load(value)
+        return (x == np.float32(0.0)) & (np.copysign(np.float32(1.0), x) < np.float32(0.0))
+    return negative_zero

@@ -9,10 +9,10 @@ same order, so the results are bitwise equal:
   agreeing_i = clamp_min(trimmed_i * vote, 0)
   tau       = mean: sum_i agreeing_i / max(count_i(agreeing_i > 0), 1) * vote
               sum:  sum_i agreeing_i * vote
-              max:  max_i agreeing_i * vote
+              max:  |max_i agreeing_i| * vote
   out       = tau * lam + theta_0   (scalar lam)   or   tau + theta_0   (per-task lam)
-Entries whose summed sign is exactly 0 and whose tau is not 0 depend on the whole model's
-majority sign; their positions are returned with their values for a majority of -1 and of 0.
+Entries whose summed sign is exactly 0, where tau is not 0 or the base is -0.0, depend on the
+whole model's majority sign; their positions are returned with their values for a majority of -1 and of 0.
 DARE-TIES (`dare_ties_merge`) is the same with DARE's drop and rescale in place of the trim.
 Each loop runs over one row of scratch, with its branches outside, so LLVM vectorises it.
 """
@@ -25,7 +25,7 @@ from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
 from mergeflow.kernels.rows import drop_rows, scale_rows, sum_rows
-from mergeflow.kernels.storage import load, store
+from mergeflow.kernels.storage import is_negative_zero, load, store
 
 AGG_CODES = {"mean": 0, "sum": 1, "max": 2}
 
@@ -120,8 +120,8 @@ def _elect_and_merge(base, scratch, per_task, lam, agg, out, open_flags):
     else:
         _agreeing_sum_and_count(scratch, n, gamma, total, count)
     _write(base, gamma, total, count, per_task, lam, agg, out)
-    for j in range(gamma.shape[0]):  # open: gamma = 0 and tau (now in total) > 0
-        open_flags[j] = (gamma[j] == 0) & (total[j] > 0)
+    for j in range(gamma.shape[0]):  # open: gamma = 0, and tau (now in total) > 0 or a -0.0 base
+        open_flags[j] = (gamma[j] == 0) & ((total[j] > 0) | is_negative_zero(base[j]))
     return np.int64(signs)
 
 
@@ -163,6 +163,8 @@ def _agreeing_max(scratch, n, gamma, best):
         for j in range(gamma.shape[0]):
             a = _clamp_min_zero(row[j] * _vote(gamma[j]))
             best[j] = best[j] if best[j] > a else a
+    for j in range(gamma.shape[0]):
+        best[j] = abs(best[j])  # as the torch code's abs_: +0.0 where nothing agrees
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -208,8 +210,8 @@ def _open_values(base, trimmed, positions, per_task, lam, agg, if_negative, if_z
             negative = total * np.float32(-1.0)
             zero = negative
         else:
-            negative = best * np.float32(-1.0)
-            zero = best * np.float32(0.0)
+            negative = abs(best) * np.float32(-1.0)
+            zero = abs(best) * np.float32(0.0)
         b = load(base[p])
         if per_task:
             if_negative[q], if_zero[q] = negative + b, zero + b

@@ -41,6 +41,7 @@ from mergeflow.methods.base import (
     Reduce,
     StatPass,
     TensorGroup,
+    negative_zeros,
     nonzero_positions,
     sum_over_tasks,
     tensor_stat,
@@ -154,7 +155,8 @@ def _aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, vote: torch.Tensor, a
     if agg == "sum":
         return sum_over_tasks(agreeing).mul_(vote)
     if agg == "max":  # the largest agreeing magnitude times gamma (0 stays 0 if the majority is 0)
-        return agreeing.amax(dim=0).mul_(vote if majority_sign != 0 else gamma)
+        # abs_: the official |selected|.max() is +0.0 where nothing agrees (agreeing may hold -0.0)
+        return agreeing.amax(dim=0).abs_().mul_(vote if majority_sign != 0 else gamma)
     raise ValueError(f"unknown agg {agg!r}; use mean, sum or max")
 
 
@@ -173,10 +175,11 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
                               lam: float | list[float]) -> Provisional:
     """`merge_elected` before the majority sign is known (the engine's fused last pass).
 
-    Merged with a provisional majority of +1. Only entries whose summed sign is exactly 0 and
-    whose provisional value is non-zero (some entries cancel exactly) can change with the real
-    majority; they are gathered here (usually a few), with their values for a majority of -1
-    and of 0, and `resolve` picks the right ones (None for +1: the provisional values stand).
+    Merged with a provisional majority of +1. Only entries whose summed sign is exactly 0 can
+    change with the real majority, and only where their provisional tau is non-zero (some
+    entries cancel exactly) or their base is -0.0 (where the sign of a zero tau shows in
+    theta_0 + tau). They are gathered here (usually a few), with their values for a majority of
+    -1 and of 0, and `resolve` picks the right ones (None for +1: the provisional values stand).
     """
     n = trimmed.shape[0]
     gamma = elected_sign(trimmed)
@@ -184,12 +187,12 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
     vote = _vote(gamma, 1.0)
     tau = _aggregate(trimmed, gamma, vote, agg, 1.0)
     # vote - gamma is 1 where gamma = 0, else 0; there tau >= 0 (a vote of +1), so the dot
-    # product is positive exactly when some entry is ambiguous (a sum of non-negative values).
-    zero = vote.sub_(gamma)
-    ambiguous = float(torch.dot(zero.reshape(-1), tau.reshape(-1))) > 0.0
-    if not ambiguous:
+    # product is positive exactly when some entry is open (a sum of non-negative values).
+    zero = vote.sub_(gamma).reshape(-1)
+    sensitive = tau.reshape(-1).abs() + negative_zeros(base.reshape(-1)).to(tau.device, tau.dtype)
+    if not float(torch.dot(zero, sensitive)) > 0.0:
         return Provisional(combine(base, tau, lam), partial)
-    positions = nonzero_positions(zero.mul_(tau).reshape(-1))
+    positions = nonzero_positions(zero.mul_(sensitive))
     sub_trimmed = trimmed.reshape(n, -1).index_select(1, positions)
     sub_base = base.reshape(-1).index_select(0, positions)
     return Provisional(combine(base, tau, lam), partial, positions.to(torch.int32).cpu(),
