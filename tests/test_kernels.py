@@ -69,6 +69,8 @@ CASES = [
     ("dare_ties", {"p": 0.3, "agg": "mean", "seed": 1}),
     ("dare_ties", {"p": 0.0, "agg": "max"}),
     ("dare_ties", {"p": 0.9, "lam": [0.5, 1.0, 2.0], "agg": "sum", "seed": 5}),
+    ("pcb", {"ratio": 0.3, "clip": 0.05}),  # the clip pass's two k-th values on the window kernel
+    ("pcb", {"ratio": 0.2, "clip": 0.1, "variant": "vision_es", "lam": [1.2, 0.8, 1.0]}),
 ]
 
 
@@ -231,7 +233,7 @@ def test_methods_without_kernels_do_not_load_them(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "prepare", lambda pairs: asked.append(pairs))
     base, fts = _grid_models(2, torch.bfloat16)
     dirs = _write_all(tmp_path, base, fts)
-    merge_checkpoints("pcb", dirs[0], dirs[1:], tmp_path / "a", {"ratio": 0.3}, progress=False, input_hashes=["h"] * 3)
+    merge_checkpoints("average", dirs[0], dirs[1:], tmp_path / "a", {}, progress=False, input_hashes=["h"] * 3)
     assert asked == []
     merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "b", {}, progress=False, input_hashes=["h"] * 3)
     assert asked == [{(torch.bfloat16, torch.bfloat16)}]

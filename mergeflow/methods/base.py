@@ -101,6 +101,14 @@ def negative_zeros(values: torch.Tensor) -> torch.Tensor:
     return bits == _NEGATIVE_ZERO_BITS
 
 
+def abs_delta_window(raw: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """A `StatPass.cpu_window` for passes whose values are |tau|: the fused kernel of
+    mergeflow.kernels.window, imported on first use (numba loads only for methods that use it)."""
+    from mergeflow.kernels.window import abs_delta_window as kernel
+
+    return kernel(raw, lo, hi)
+
+
 def sum_over_tasks(values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """sum_i values[i] (a stacked tensor or a list of rows) added in task order, so every entry's
     rounding is independent of chunking."""

@@ -43,6 +43,7 @@ from mergeflow.methods.base import (
     Reduce,
     StatPass,
     TensorGroup,
+    abs_delta_window,
     negative_zeros,
     nonzero_positions,
     sum_over_tasks,
@@ -282,7 +283,8 @@ def check_score_stats(stats: GlobalStats) -> None:
         )
 
 
-PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions), StatPass(_score_values, _score_reductions))
+PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=abs_delta_window),
+                   StatPass(_score_values, _score_reductions))
 
 
 @register(

@@ -44,6 +44,7 @@ from mergeflow.methods.base import (
     Reduce,
     StatPass,
     TensorGroup,
+    abs_delta_window,
     negative_zeros,
     nonzero_positions,
     sum_over_tasks,
@@ -265,14 +266,7 @@ def _signs(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[s
     return {"ties_sign": sign_count_values(_trimmed(group, params, stats))}
 
 
-def _abs_delta_window(raw: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """The trim pass's window counts on |tau| straight from the stored values (mergeflow.kernels)."""
-    from mergeflow.kernels.window import abs_delta_window
-
-    return abs_delta_window(raw, lo, hi)
-
-
-TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds, cpu_window=_abs_delta_window)
+TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds, cpu_window=abs_delta_window)
 MAJORITY_PASS = StatPass(values=_signs, reductions=lambda p: {"ties_majority": Reduce("ties_sign", "sum")})
 
 
