@@ -137,11 +137,7 @@ def _safetensors_files(path: Path) -> list[Path] | None:
         raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors)")
     index = path / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
-        shards = sorted({path / shard for shard in weight_map.values()})
+        shards = sorted({path / shard for shard in _index_shards(index)})
         missing = [s.name for s in shards if not s.exists()]
         if missing:
             raise CheckpointError(f"{path}: index lists shards that are missing: {missing[:3]}")
@@ -151,7 +147,7 @@ def _safetensors_files(path: Path) -> list[Path] | None:
     loose = sorted(path.glob("*.safetensors"))
     if loose:
         return loose
-    if any(path.glob(f"*{s}") for s in PICKLE_SUFFIXES):
+    if any(any(path.glob(f"*{s}")) for s in PICKLE_SUFFIXES):  # a glob is a generator: always truthy
         return None
     raise CheckpointError(
         f"{path}: no model.safetensors, {INDEX_FILE} or *.safetensors found; "
@@ -177,6 +173,23 @@ def _read_headers(files: list[Path]) -> dict[str, TensorInfo]:
                 f"{file}: not a readable safetensors file ({err}); it may be truncated or corrupt"
             ) from None
     return info
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a safetensors index's weight_map points to, checked: a mapping of
+    tensor names to plain file names in the checkpoint's own directory."""
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    outside = sorted({v for v in weight_map.values() if Path(v).name != v})
+    if outside:  # a shard elsewhere would read another model's weights without a word
+        raise CheckpointError(f"{index}: weight_map names shards outside the checkpoint's directory "
+                              f"({outside[0]!r}); list plain file names")
+    return list(weight_map.values())
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

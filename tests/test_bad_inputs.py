@@ -35,6 +35,9 @@ ENGINE_CASES = {
     "mismatched names": (corpus.with_renamed_tensor, ["layer.weight"]),
     "extra tensor": (corpus.with_extra_tensor, ["head.weight"]),
     "integer where the base has float": (lambda d: corpus.with_dtype(d, torch.int32), ["dtype"]),
+    "index that is not a mapping": (corpus.index_not_a_mapping, ["weight_map"]),
+    "index pointing outside the model": (corpus.index_pointing_outside, ["outside", "../base"]),
+    "directory without weights": (corpus.only_config, ["no model.safetensors", "model directory"]),
 }
 
 

@@ -113,6 +113,25 @@ def index_with_missing_shard(model_dir: Path) -> Path:
     return model_dir
 
 
+def index_not_a_mapping(model_dir: Path) -> Path:
+    """An index that is valid JSON but a list, not {"weight_map": {...}}."""
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps([{"weight_map": {}}]))
+    return model_dir
+
+
+def index_pointing_outside(model_dir: Path) -> Path:
+    """An index whose shard lives in another model's directory (a sibling's weights)."""
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"layer.weight": "../base/model.safetensors"}}))
+    return model_dir
+
+
+def only_config(model_dir: Path) -> Path:
+    """A directory with config.json and no weights (a download that failed half way)."""
+    weights_file(model_dir).unlink()
+    return model_dir
+
+
 # ---- code that must never run ----
 
 class _Payload:
