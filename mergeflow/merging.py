@@ -7,9 +7,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from mergeflow.compatibility import check_compatible, check_finite, is_mergeable, signature_of
+from mergeflow.compatibility import (
+    check_compatible,
+    check_finite,
+    check_finite_output,
+    is_mergeable,
+    signature_of,
+)
 from mergeflow.methods import GlobalStats, Hyperparams, MergeMethod, TensorGroup, get_method
-from mergeflow.methods.base import tensor_stat
+from mergeflow.methods.base import check_lam_count, tensor_stat
 from mergeflow.statistics import reduce_all, reduce_rows
 
 StateDict = Mapping[str, torch.Tensor]
@@ -25,17 +31,18 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparam
     params = m.params(**hparams)
     _check_state_dicts(base, finetuned)
     _check_model_count(m, len(finetuned))
+    check_lam_count(params, len(finetuned))
     check_compatible(signature_of(base), [signature_of(sd) for sd in finetuned])
     float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype)]
     labels = ["base", *(f"model {i}" for i in range(len(finetuned)))]
     for name in float_names:  # values are checked before any merging work starts
         check_finite(name, [base[name], *(sd[name] for sd in finetuned)], labels)
 
-    def group(name: str) -> TensorGroup:
+    def group(name: str) -> TensorGroup:  # detached: merging is not differentiated (AdaMerging has its own path)
         return TensorGroup(
             name=name,
-            base=base[name].to(torch.float32),
-            models=torch.stack([sd[name].to(torch.float32) for sd in finetuned]),
+            base=base[name].detach().to(torch.float32),
+            models=torch.stack([sd[name].detach().to(torch.float32) for sd in finetuned]),
         )
 
     stats = global_stats(m, params, lambda: (group(k) for k in float_names))
@@ -43,8 +50,9 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparam
     for name in sorted(base):
         if name in float_names:
             merged[name] = m.merge_tensor(group(name), params, stats).to(base[name].dtype)
+            check_finite_output(m.name, name, merged[name])
         else:
-            merged[name] = base[name].clone()
+            merged[name] = base[name].detach().clone()
     return merged
 
 

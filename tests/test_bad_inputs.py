@@ -18,6 +18,7 @@ from bad_inputs import corpus
 
 from mergeflow import merge
 from mergeflow.checkpoint import Checkpoint, CheckpointError, load_state_dict
+from mergeflow.checkpoint_writer import save_checkpoint
 from mergeflow.engine import merge_checkpoints
 
 # ---- broken checkpoints through the engine: error names the problem, no output left ----
@@ -126,6 +127,83 @@ def test_output_overlapping_an_input_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="overlaps"):
         merge_checkpoints("average", base, models, models[0], {}, progress=False)
     assert corpus.weights_file(models[0]).read_bytes() == before
+
+
+def test_the_same_checkpoint_twice_or_the_base_as_a_model_is_refused(tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    out = tmp_path / "merged"
+    again = models[0].parent / "x" / ".." / models[0].name  # another spelling of models[0]
+    with pytest.raises(ValueError, match="same checkpoint"):
+        merge_checkpoints("ties", base, [models[0], again], out, {}, progress=False)
+    with pytest.raises(ValueError, match="base checkpoint itself"):
+        merge_checkpoints("pcb", base, [base, models[0]], out, {}, progress=False)
+    _assert_nothing_written(out)
+    # Methods that combine the models themselves may take the base as one of them.
+    merge_checkpoints("average", base, [base, models[0]], out, {}, progress=False)
+    b, f, m = (load_state_dict(d) for d in (base, models[0], out))
+    assert torch.equal(m["layer.weight"], (b["layer.weight"] + f["layer.weight"]) / 2)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"device": "meta"}, ["meta", "cpu, cuda"]),
+    ({"out_dtype": torch.int8}, ["not a float dtype"]),
+    ({"input_hashes": ["h"]}, ["input_hashes has 1", "(3)"]),
+])
+def test_api_arguments_are_checked_before_work(kwargs: dict, words: list[str], tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    with pytest.raises(ValueError) as err:
+        merge_checkpoints("task_arithmetic", base, models, tmp_path / "merged", {}, progress=False, **kwargs)
+    for word in words:
+        assert word in str(err.value)
+    _assert_nothing_written(tmp_path / "merged")
+
+
+def test_one_path_given_as_the_model_list_is_refused(tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    with pytest.raises(ValueError, match="list of checkpoint paths"):
+        merge_checkpoints("task_arithmetic", base, str(models[0]), tmp_path / "merged", {}, progress=False)
+
+
+def test_a_checkpoint_without_float_entries_is_refused(tmp_path: Path) -> None:
+    sd = {"position_ids": torch.arange(4), "empty": torch.zeros(0)}
+    base = save_checkpoint(sd, tmp_path / "base")
+    ft = save_checkpoint(sd, tmp_path / "ft")
+    with pytest.raises(ValueError, match="no float tensor with any entries"):
+        merge_checkpoints("ties", base, [ft], tmp_path / "merged", {}, progress=False)
+    _assert_nothing_written(tmp_path / "merged")
+
+
+def test_an_unwritable_output_location_fails_before_work(tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not a writable directory"):
+        merge_checkpoints("ties", base, models, blocker / "merged", {}, progress=False, input_hashes=["-"] * 3)
+
+
+def test_replacing_an_earlier_output_never_deletes_files_mergeflow_did_not_write(tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    out = tmp_path / "merged"
+    merge_checkpoints("average", base, models, out, {}, progress=False)
+    merge_checkpoints("average", base, models, out, {}, progress=False)  # replacing its own output is fine
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="my_notes.txt"):
+        merge_checkpoints("average", base, models, out, {}, progress=False)
+    assert (out / "my_notes.txt").read_text() == "mine"
+
+
+def test_an_overflowing_merge_is_refused_in_memory_too() -> None:
+    base = {"w": torch.ones(3)}
+    with pytest.raises(ValueError, match="merged w has NaN or inf"):
+        merge("task_arithmetic", base, [{"w": torch.full((3,), 2.0)}], lam=1e39)
+
+
+def test_tensors_that_require_grad_are_merged_like_plain_ones() -> None:
+    base = {"w": torch.ones(3, requires_grad=True)}
+    ft = {"w": torch.tensor([2.0, 0.5, 1.25], requires_grad=True)}
+    for method in ("ties", "pcb", "task_arithmetic"):
+        out = merge(method, base, [ft], ratio=0.9, clip=0.0) if method == "pcb" else merge(method, base, [ft], lam=0.5)
+        assert not out["w"].requires_grad
 
 
 # ---- code in inputs never runs ----

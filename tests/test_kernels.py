@@ -14,7 +14,7 @@ import torch
 import mergeflow
 from mergeflow.checkpoint import load_state_dict
 from mergeflow.checkpoint_writer import save_checkpoint
-from mergeflow.engine import NonFiniteInput, merge_checkpoints
+from mergeflow.engine import NonFiniteInput, NonFiniteOutput, merge_checkpoints
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,8 +104,8 @@ def test_fused_ties_for_any_number_of_models(tmp_path, n, agg):
 
 
 def test_float32_inputs_round_to_bf16_as_torch_does(tmp_path):
-    # Halfway cases (ties to even), values that overflow bf16 to inf, subnormals, signed zeros.
-    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0xFF7FFFFF, 0x00000001,
+    # Halfway cases (ties to even), the largest float32 below bf16's overflow, subnormals, signed zeros.
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7F7FFF, 0xFF7F7FFF, 0x00000001,
                          0x80000001, 0x00000000, 0x80000000, 0x3F7F8000], dtype=torch.int64)
     values = bits.to(torch.int32).view(torch.float32)
     base = {"w": torch.zeros_like(values)}
@@ -117,7 +117,20 @@ def test_float32_inputs_round_to_bf16_as_torch_does(tmp_path):
     expected = ((values - 0.0) * 1.0 + 0.0).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
-    assert got[0].item() == 1.0 and got[1].item() == 1.015625 and got[3].item() == float("inf")  # by hand
+    assert got[0].item() == 1.0 and got[1].item() == 1.015625 and got[3].item() == 2.0**127 * 1.9921875  # by hand
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "torch"])
+def test_an_output_that_overflows_its_dtype_is_refused(tmp_path, cpu_kernels):
+    """Finite inputs whose merge overflows bf16 (here float32's largest value, which rounds up to
+    inf) give NonFiniteOutput naming the tensor, and no output."""
+    values = torch.tensor([1.0, 0x7F7FFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    values[0] = 1.0
+    dirs = _write_all(tmp_path, {"w": torch.zeros(2)}, [{"w": values}])
+    with pytest.raises(NonFiniteOutput, match="merged w .*overflows bfloat16"):
+        merge_checkpoints("task_arithmetic", dirs[0], dirs[1:], tmp_path / "o", {"lam": 1.0}, progress=False,
+                          out_dtype=torch.bfloat16, input_hashes=["h"] * 2, cpu_kernels=cpu_kernels)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
 
 
 def test_engine_runs_the_fused_kernels_on_cpu_and_not_when_asked(tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def test_per_task_lam_applies_before_the_election():
     assert torch.equal(out["w"], _t(4, 2.5))
     # Without the coefficients task 1 wins entry 0.
     assert torch.equal(mergeflow.merge("ties", base, _models(base, taus), k=1.0)["w"], _t(-3, 1))
-    with pytest.raises(ValueError, match="lam has 3 values"):
+    with pytest.raises(ValueError, match="3 lam values for 2"):
         mergeflow.merge("ties", base, _models(base, taus), lam=[1.0, 1.0, 1.0])
 
 

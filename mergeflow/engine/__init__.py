@@ -8,10 +8,11 @@ See `run.py` for the order of work, `stat_passes.py` and `selection.py` for the 
 statistics, `units.py` for reading and scheduling units, `memory.py` for the malloc settings.
 """
 
-from mergeflow.compatibility import NonFiniteInput  # shared with the in-memory merge
+# the NonFinite errors are shared with the in-memory merge
+from mergeflow.compatibility import NonFiniteInput, NonFiniteOutput
 from mergeflow.engine.plan import MergeConfigError, MergePlan, plan_merge
 from mergeflow.engine.run import MergeResult, merge_checkpoints
 from mergeflow.engine.stat_passes import compute_global_stats
 
-__all__ = ["MergeConfigError", "MergePlan", "MergeResult", "NonFiniteInput", "compute_global_stats",
+__all__ = ["MergeConfigError", "MergePlan", "MergeResult", "NonFiniteInput", "NonFiniteOutput", "compute_global_stats",
            "merge_checkpoints", "plan_merge"]

@@ -9,7 +9,9 @@ tensors for elementwise methods, so peak memory is a few chunks whatever the mod
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from mergeflow.compatibility import (
 )
 from mergeflow.engine.reader import TensorSource
 from mergeflow.methods import Hyperparams, MergeMethod, get_method
+from mergeflow.methods.base import check_lam_count
 
 # Entries per model in one unit of work. A unit's float32 copy of the inputs is then 2 MiB a row,
 # below the 32 MiB mmap threshold `memory.tune_malloc` sets, so temporaries are reused from malloc's arenas.
@@ -105,10 +108,12 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     if n < m.min_models or (m.max_models is not None and n > m.max_models):
         want = m.min_models if m.max_models == m.min_models else f"{m.min_models}..{m.max_models or 'any'}"
         raise MergeConfigError(f"method {method!r} needs {want} fine-tuned model(s), got {n}")
-    lam = getattr(params, "lam", None)
-    if isinstance(lam, list) and len(lam) != n:
-        raise MergeConfigError(f"lam has {len(lam)} values but there are {n} fine-tuned models")
+    try:
+        check_lam_count(params, n)
+    except ValueError as err:
+        raise MergeConfigError(str(err)) from None
     dev = _device(device)
+    _check_distinct_inputs(m, base_dir, model_dirs)
     base = TensorSource(base_dir, allow_pickle=allow_pickle)
     models = [TensorSource(d, allow_pickle=allow_pickle) for d in model_dirs]
     labels = [str(d) for d in model_dirs]
@@ -122,6 +127,9 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
         _check_output(Path(out_dir), [base_dir, *model_dirs])
     names = base.checkpoint.names
     float_names = {k for k in names if is_mergeable(base.checkpoint.info(k).dtype)}
+    if not any(math.prod(base.checkpoint.info(k).shape) for k in float_names):
+        raise MergeConfigError(f"{base_dir}: no float tensor with any entries to merge "
+                               f"({len(names)} tensors in all); is this the right checkpoint?")
     elementwise = m.is_elementwise(params)
     units = [u for k in names for u in _units(base, k, k in float_names and elementwise, chunk_elems)]
     plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise,
@@ -168,9 +176,28 @@ def _device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as err:
         raise MergeConfigError(f"unknown device {device!r} ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MergeConfigError(f"device {device!r} is not supported by the engine; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeConfigError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MergeConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def _check_distinct_inputs(method: MergeMethod, base_dir: str | Path, model_dirs: list[str | Path]) -> None:
+    """The same checkpoint twice (ft0 and ft0/../ft0, say) is a mistake in the list, and the base
+    listed as a fine-tune gives a task vector of zeros: both refused before any read."""
+    seen: dict[Path, str | Path] = {}
+    for d in model_dirs:
+        path = Path(d).resolve()
+        if path in seen:
+            raise MergeConfigError(f"models: {d} and {seen[path]} are the same checkpoint; list each model once")
+        seen[path] = d
+    base = Path(base_dir).resolve()
+    if method.task_vectors and base in seen:
+        raise MergeConfigError(f"models: {seen[base]} is the base checkpoint itself; its task vector is zero "
+                               f"({method.name} merges theta_i - theta_0), so drop it from the models")
 
 
 def _check_vocab(base: TensorSource, models: list[TensorSource], labels: list[str]) -> None:
@@ -203,6 +230,28 @@ def _check_output(out: Path, inputs: list[str | Path]) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).exists())):
         raise MergeConfigError(
             f"{out} exists and is not an earlier mergeflow output; remove it or choose another --out")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _files_written(out))
+        if foreign:  # the new output replaces the directory: they would be lost
+            raise MergeConfigError(f"{out} is an earlier mergeflow output that now also holds {foreign[:3]}, "
+                                   "which mergeflow did not write and replacing it would delete; move them "
+                                   "or choose another --out")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeConfigError(f"cannot create the output under {parent}: not a writable directory; "
+                               "choose another --out")
+
+
+def _files_written(out: Path) -> set[str]:
+    """The file names an earlier mergeflow output in `out` holds by its own manifest."""
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {MANIFEST_FILE}
+    written = {MANIFEST_FILE, "README.md", *manifest.get("side_files", [])}
+    return written | {p.name for p in out.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")}
 
 
 def _check_disk(out: Path, need: int) -> None:

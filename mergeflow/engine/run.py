@@ -34,9 +34,17 @@ from pathlib import Path
 
 import torch
 
+from mergeflow.compatibility import check_finite_output
 from mergeflow.engine.manifest import copy_side_files, model_card
 from mergeflow.engine.memory import tune_malloc
-from mergeflow.engine.plan import DEFAULT_CHUNK_ELEMS, MANIFEST_FILE, MergePlan, Unit, plan_merge
+from mergeflow.engine.plan import (
+    DEFAULT_CHUNK_ELEMS,
+    MANIFEST_FILE,
+    MergeConfigError,
+    MergePlan,
+    Unit,
+    plan_merge,
+)
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET
 from mergeflow.engine.stat_passes import compute_global_stats, separate_passes
 from mergeflow.engine.units import (
@@ -100,6 +108,7 @@ def merge_checkpoints(
     the methods' torch code instead of their fused CPU kernels (same output bytes, slower).
     """
     t0 = time.perf_counter()
+    _check_call(model_dirs, input_hashes, out_dtype)
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
                       device=device, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
     plan.cpu_kernels = cpu_kernels
@@ -126,6 +135,20 @@ def merge_checkpoints(
     finally:
         plan.close()
     return result
+
+
+def _check_call(model_dirs: Sequence[str | Path], input_hashes: Sequence[str] | None,
+                out_dtype: torch.dtype | None) -> None:
+    """The API arguments plan_merge does not see, checked before any work."""
+    if isinstance(model_dirs, (str, Path)):  # list() would split a path into characters
+        raise MergeConfigError(f"model_dirs must be a list of checkpoint paths, got the single path "
+                               f"{str(model_dirs)!r}; wrap it in a list")
+    if input_hashes is not None and len(input_hashes) != len(model_dirs) + 1:
+        raise MergeConfigError(f"input_hashes has {len(input_hashes)} entries; give one for the base and one "
+                               f"per model ({len(model_dirs) + 1})")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise MergeConfigError(f"out_dtype {out_dtype!r} is not a float dtype; use torch.bfloat16, "
+                               "torch.float16 or torch.float32")
 
 
 def estimate(plan: MergePlan, workers: int) -> str:
@@ -176,6 +199,8 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
 
     def work(unit: Unit) -> tuple[torch.Tensor, Provisional | None]:
         out, provisional = merged_unit(unit)
+        if unit.name in plan.float_names:
+            check_finite_output(plan.method.name, unit.name, out)
         if out.numel():  # positioned writes: each worker writes its own unit (GIL released)
             writer.write(unit.name, unit.offset * out.element_size(), out)
         return out, provisional
@@ -200,7 +225,7 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
         output_hash = digest.hexdigest()
         if fused is not None:
             stats[fused.stat] = partial_sum
-            if _resolve_pending(writer, pending, partial_sum, dtype):
+            if _resolve_pending(writer, pending, partial_sum, dtype, plan.method.name):
                 output_hash = _hash_written(writer, plan.names, dtype, shape)
         base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
         copied = copy_side_files(writer, base_dir)
@@ -252,7 +277,7 @@ class BackgroundDigest:
 
 
 def _resolve_pending(writer: StreamingCheckpointWriter, pending: list[tuple[Unit, Provisional]],
-                     stat: torch.Tensor, dtype: Callable[[str], torch.dtype]) -> bool:
+                     stat: torch.Tensor, dtype: Callable[[str], torch.dtype], method: str) -> bool:
     """Write the final values of the entries a fused last pass left open; True if any changed."""
     changed = False
     for unit, provisional in pending:
@@ -260,6 +285,7 @@ def _resolve_pending(writer: StreamingCheckpointWriter, pending: list[tuple[Unit
         if values is None:
             continue
         values = values.to(dtype(unit.name)).reshape(-1)
+        check_finite_output(method, unit.name, values)
         positions = provisional.positions.to(torch.int64) + unit.offset
         # one write per run of consecutive positions
         breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1

@@ -17,6 +17,7 @@ class AverageParams(Hyperparams):
     hyperparams=AverageParams,
     paper="Wortsman et al., Model soups, ICML 2022",
     summary="mean of the fine-tuned weights",
+    task_vectors=False,
 )
 def average(group: TensorGroup, params: AverageParams, stats: GlobalStats) -> torch.Tensor:
     return group.models.mean(dim=0)

@@ -33,20 +33,38 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 GlobalStats = Mapping[str, torch.Tensor]
 
 
 class Hyperparams(BaseModel):
     """Base class of every method's hyperparameters: unknown names are errors, and so are NaN and
-    infinite numbers (a NaN lam would silently give a NaN model)."""
+    infinite numbers (a NaN lam would silently give a NaN model) and booleans given for numbers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, values: object) -> object:
+        """pydantic reads True as 1 (1.0), so YAML's `k: true` (or yes, on) would silently keep
+        every entry: a boolean is refused wherever the field does not take one."""
+        if isinstance(values, dict):
+            for name, value in values.items():
+                field = cls.model_fields.get(name)
+                items = value if isinstance(value, (list, tuple)) else [value]
+                if field is not None and any(isinstance(v, bool) for v in items) and not _takes_bool(field.annotation):
+                    raise ValueError(f"{name}: {value!r} holds a boolean where a number is expected "
+                                     "(YAML reads true/false, yes/no and on/off as booleans); write the number")
+        return values
+
+
+def _takes_bool(annotation: object) -> bool:
+    return annotation is bool or any(_takes_bool(a) for a in get_args(annotation))
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,13 @@ def abs_delta_window(raw: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     from mergeflow.kernels.window import abs_delta_window as kernel
 
     return kernel(raw, lo, hi)
+
+
+def check_lam_count(params: Hyperparams, n: int) -> None:
+    """A per-task `lam` list must have one value per fine-tuned model (checked before any work)."""
+    lam = getattr(params, "lam", None)
+    if isinstance(lam, list) and len(lam) != n:
+        raise ValueError(f"got {len(lam)} lam values for {n} fine-tuned models; give one per model")
 
 
 def sum_over_tasks(values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -224,6 +249,9 @@ class MergeMethod:
     elementwise: bool | Callable[[Hyperparams], bool] = False
     fused_last_pass: FusedLastPass | None = None
     cpu_kernel: CpuKernel | None = None
+    # Merges task vectors theta_i - theta_0: the base listed as a fine-tune adds nothing (refused).
+    # False for methods that combine the models themselves (average, slerp).
+    task_vectors: bool = True
 
     def is_elementwise(self, params: Hyperparams) -> bool:
         """Whether the engine may split tensors into row chunks for these hyperparameters."""

@@ -21,6 +21,7 @@ def register(
     elementwise: bool | Callable[[Hyperparams], bool] = False,
     fused_last_pass: FusedLastPass | None = None,
     cpu_kernel: CpuKernel | None = None,
+    task_vectors: bool = True,
 ) -> Callable:
     """Decorator: register `fn(group, params, stats) -> Tensor` as merge method `name`."""
 
@@ -39,6 +40,7 @@ def register(
             elementwise=elementwise,
             fused_last_pass=fused_last_pass,
             cpu_kernel=cpu_kernel,
+            task_vectors=task_vectors,
         )
         return fn
 

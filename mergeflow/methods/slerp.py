@@ -46,6 +46,7 @@ def slerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[fl
     summary="spherical interpolation between exactly two models, per tensor",
     min_models=2,
     max_models=2,
+    task_vectors=False,
 )
 def slerp(group: TensorGroup, params: SlerpParams, stats: GlobalStats) -> torch.Tensor:
     v0, v1 = group.models[0], group.models[1]
