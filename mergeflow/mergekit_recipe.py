@@ -8,9 +8,13 @@ Supported `merge_method`s and what they become (mergekit semantics, per tensor):
   the sum of the weighted agreeing entries -> ties(agg="sum", lam=[w_i * lambda]).
 - `dare_ties`: as ties with the random drop (p = 1 - density)   -> dare_ties(p, agg, lam)
 - `dare_linear`: random drop, weighted sum                      -> dare(p, lam=[w_i])
-- `linear` with equal weights and normalize                     -> average
+- `linear` with equal weights and normalize: the mean of every listed model (base_model too,
+  when it is listed; base_model is optional)                   -> average
 - `slerp` between `base_model` and one other model, scalar t    -> slerp(t), models [base, other]
 `dtype` / `out_dtype` become the output dtype (mergeflow always computes in float32).
+
+Every weight 0 gives the base model in the task-vector methods (mergekit's divisor guard turns
+0/0 into 0), and is refused for linear (mergekit divides by the zero sum: a NaN model).
 
 One known difference: where the weighted trimmed sum is exactly zero, mergekit takes the sign
 +1, mergeflow the whole model's majority sign (the official TIES rule). Everything else that
@@ -21,12 +25,20 @@ error that names the field.
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
 from typing import Any
 
 from mergeflow.recipe import RecipeError
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear", "slerp")
 IGNORED_GLOBAL = {"int8_mask"}  # a memory optimisation of mergekit's; no effect on the result
+CONSENSUS = ("ties", "dare_ties")  # mergekit divides by the weights of the agreeing entries only
+# mergekit's non-consensus divisor guard: a weight sum below this divides by 1 instead
+MIN_WEIGHT_SUM = 1e-8
+
+Fail = Callable[[str], "MergekitRecipeError"]
 
 
 class MergekitRecipeError(RecipeError):
@@ -41,62 +53,72 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
         return MergekitRecipeError(f"{source} (mergekit recipe): {msg}")
 
     allowed = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name"}
-    extra = sorted(set(cfg) - allowed)
+    extra = sorted(set(cfg) - allowed, key=str)
     if extra:
-        raise fail(f"{', '.join(extra)}: not supported by mergeflow (supported keys: {', '.join(sorted(allowed))})")
+        raise fail(f"{', '.join(map(str, extra))}: not supported by mergeflow "
+                   f"(supported keys: {', '.join(sorted(allowed))})")
     method = cfg["merge_method"]
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise fail(f"merge_method: {method!r} is not supported; supported: {', '.join(METHODS)}")
     base = cfg.get("base_model")
-    if not base:
+    if base is not None and (not isinstance(base, str) or not base):
+        raise fail(f"base_model: expected one model path or name, got {base!r}")
+    if not base and method != "linear":  # linear alone does not use a base (see _linear)
         raise fail("base_model: required (mergeflow merges fine-tunes of one base model)")
     entries = cfg.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise fail("models: a non-empty list of {model: ..., parameters: ...} is required")
-    globals_ = dict(cfg.get("parameters") or {})
+    globals_ = _mapping(cfg.get("parameters"), "parameters", fail)
     for key in IGNORED_GLOBAL:
         globals_.pop(key, None)
     # A global weight/density is the default of every model that does not set its own.
     default_weight = globals_.pop("weight", 1.0)
     default_density = globals_.pop("density", 1.0)
+    # Task-vector methods drop a listed base (mergekit skips it: its task vector is zero);
+    # linear averages every listed model and slerp takes the base as its first end.
+    keep_base = method in ("linear", "slerp")
     models, weights, densities = [], [], []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise fail(f"models[{i}]: expected a mapping with a 'model' key")
-        unknown = sorted(set(entry) - {"model", "parameters"})
+        unknown = sorted(set(entry) - {"model", "parameters"}, key=str)
         if unknown:
             raise fail(f"models[{i}].{unknown[0]}: not supported")
         name = entry["model"]
-        params = entry.get("parameters") or {}
-        if name == base and method != "slerp":
+        if not isinstance(name, str) or not name:
+            raise fail(f"models[{i}].model: expected a model path or name, got {name!r}")
+        params = _mapping(entry.get("parameters"), f"models[{i}].parameters", fail)
+        if base and _same_model(name, base) and not keep_base:
             if params:
-                raise fail(f"models[{i}]: parameters on the base model are not supported")
-            continue  # mergekit lets the base appear in the list; it contributes no task vector
-        for key in sorted(set(params) - {"weight", "density"}):
+                raise fail(f"models[{i}]: parameters on the base model are not supported "
+                           f"({method} gives it no task vector); drop them")
+            continue
+        for key in sorted(set(params) - {"weight", "density"}, key=str):
             raise fail(f"models[{i}].parameters.{key}: not supported (only weight and density)")
         models.append(name)
         weights.append(_scalar(params.get("weight", default_weight), f"models[{i}].parameters.weight", fail))
         densities.append(_scalar(params.get("density", default_density), f"models[{i}].parameters.density", fail))
+    if not models:
+        raise fail(f"models: no model to merge besides base_model {base!r}; list the fine-tuned models")
     if len(set(densities)) > 1:
         raise fail(f"models[*].parameters.density: per-model densities differ ({densities}); "
                    "mergeflow uses one density for all models")
-    density = densities[0] if densities else 1.0
+    density = densities[0]
     out = {"base": base, "dtype": cfg.get("out_dtype") or cfg.get("dtype")}
 
     if method == "slerp":
         t = _scalar(globals_.pop("t", None), "parameters.t", fail, required=True)
         _no_more(globals_, fail)
-        others = [m for m in models if m != base]
+        others = [m for m in models if not _same_model(m, base)]
         if len(entries) != 2 or len(others) != 1:
             raise fail("models: slerp takes exactly two models, one of them the base_model")
         return {**out, "method": "slerp", "models": [base, others[0]], "hyperparameters": {"t": t}}
 
     lam = _scalar(globals_.pop("lambda", 1.0), "parameters.lambda", fail)
-    normalize_default = method in ("ties", "linear")
-    normalize = bool(globals_.pop("normalize", normalize_default))
-    rescale = bool(globals_.pop("rescale", True))
+    normalize = _flag(globals_.pop("normalize", method in ("ties", "linear")), "parameters.normalize", fail)
+    rescale = _flag(globals_.pop("rescale", True), "parameters.rescale", fail)
     _no_more(globals_, fail)
     if method.startswith("dare") and not rescale:
         raise fail("parameters.rescale: false is not supported (DARE always rescales by 1/(1-p))")
@@ -105,22 +127,15 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
         raise fail(f"models[*].parameters.weight: unequal weights {weights} with normalize: true "
                    "(a weighted mean) are not supported; use equal weights or normalize: false")
     if method == "linear":
-        if not normalize or lam != 1.0:
-            raise fail("linear without normalize (or with lambda) is not supported; use task_arithmetic")
-        return {**out, "method": "average", "models": models, "hyperparameters": {}}
+        return _linear(out, models, weights[0], normalize, lam, fail)
     if normalize:
-        scale, per_task = lam, None  # equal weights cancel in the normalised mean
+        lam_value: float | list[float] = _normalized_lam(method, weights[0], len(models), lam)
     else:
         per_task = [w * lam for w in weights]
-        scale = per_task[0] if equal else None
-    lam_value = scale if scale is not None else per_task
+        lam_value = per_task[0] if equal else per_task
     if method == "task_arithmetic":
-        if normalize:  # sum_i w tau_i / (n w): the mean of the task vectors
-            lam_value = lam / len(models)
         return {**out, "method": "task_arithmetic", "models": models, "hyperparameters": {"lam": lam_value}}
     if method == "dare_linear":
-        if normalize:
-            lam_value = lam / len(models)
         return {**out, "method": "dare", "models": models,
                 "hyperparameters": {"p": 1.0 - density, "lam": lam_value}}
     agg = "mean" if normalize else "sum"
@@ -131,20 +146,79 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
         "p": 1.0 - density, "lam": lam_value, "agg": agg}}
 
 
-def _scalar(value: object, field: str, fail, *, required: bool = False) -> float:
+def _normalized_lam(method: str, weight: float, n: int, lam: float) -> float:
+    """mergeflow's lam for mergekit's normalize: true with n equal weights `weight`.
+
+    mergekit divides the weighted sum by a divisor that it replaces by 1 where it is (about) 0.
+    With consensus (ties, dare_ties) the divisor is sum_i w mask_i: the weights cancel into the
+    mean of the agreeing entries (agg mean, lam), and all-zero weights give a zero sum over 1, so
+    the base itself (lam 0). Without consensus it is n w: the mean of the task vectors (lam / n),
+    unless |n w| < 1e-8, where the guard leaves the plain weighted sum (lam w; 0 for weight 0).
+    """
+    if method in CONSENSUS:
+        return lam if weight != 0 else 0.0
+    if abs(n * weight) < MIN_WEIGHT_SUM:
+        return weight * lam
+    return lam / n
+
+
+def _linear(out: dict[str, Any], models: list[str], weight: float, normalize: bool, lam: float,
+            fail: Fail) -> dict[str, Any]:
+    """mergekit linear (sum_i w_i theta_i / sum_i w_i over the listed models) as mergeflow's average."""
+    if not normalize or lam != 1.0:
+        raise fail("linear without normalize (or with lambda) is not supported; use task_arithmetic")
+    if weight == 0:  # mergekit's linear has no divisor guard: 0 / 0 in every entry
+        raise fail("models[*].parameters.weight: every weight is 0, so mergekit's linear divides by a "
+                   "zero sum (a NaN model); give the models equal non-zero weights")
+    # average ignores the base's tensors: it only supplies the non-float tensors and the config
+    # and tokenizer files, which every listed model shares, so without a base_model the first
+    # listed model serves.
+    return {**out, "base": out["base"] or models[0], "method": "average", "models": models,
+            "hyperparameters": {}}
+
+
+def _same_model(a: str, b: str | None) -> bool:
+    """Whether two references name the same model ('./base/' and 'base' do)."""
+    return b is not None and os.path.normpath(a) == os.path.normpath(b)
+
+
+def _mapping(value: object, field: str, fail: Fail) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise fail(f"{field}: expected a mapping (e.g. {{weight: 1.0, density: 0.5}}), got {value!r}")
+    return dict(value)
+
+
+def _flag(value: object, field: str, fail: Fail) -> bool:
+    # bool('false') is True: a quoted 'false' would silently mean true.
+    if not isinstance(value, bool):
+        raise fail(f"{field}: expected true or false (a YAML boolean, unquoted), got {value!r}")
+    return value
+
+
+def _scalar(value: object, field: str, fail: Fail, *, required: bool = False) -> float:
     if value is None and required:
         raise fail(f"{field}: required")
     if isinstance(value, list):
+        if any(isinstance(v, dict) for v in value):
+            raise fail(f"{field}: per-tensor filters ({{filter: ..., value: ...}}) are not supported; "
+                       "give one number")
         raise fail(f"{field}: per-layer gradient lists are not supported; give one number")
     if isinstance(value, dict):
         raise fail(f"{field}: per-tensor filters are not supported; give one number")
+    if isinstance(value, bool):  # float(True) is 1.0: a YAML true/yes/on is never a number here
+        raise fail(f"{field}: expected a number, got the boolean {value!r}")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise fail(f"{field}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise fail(f"{field}: expected a finite number, got {value!r}")
+    return number
 
 
-def _no_more(params: dict, fail) -> None:
+def _no_more(params: dict, fail: Fail) -> None:
     if params:
-        key = sorted(params)[0]
+        key = sorted(params, key=str)[0]
         raise fail(f"parameters.{key}: not supported by mergeflow's translation")

@@ -8,8 +8,9 @@
     device: cpu                  # optional: overridden by --device
 
 A mergekit recipe (one with `merge_method`) is translated by `mergeflow.mergekit_recipe`.
-Everything here is checked before a tensor is read: the method, its hyperparameters, the
-number of models, and that every path exists.
+Everything here is checked before a tensor is read: that the file is UTF-8 YAML with no key
+given twice in one mapping, the method, its hyperparameters (a YAML boolean is never taken for
+a number), the number of models, and that every path exists.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Hyperparameters that name a file: resolved against the recipe's directory like base and models,
+# and checked before any tensor is read (the method itself would fail with a bare errno).
+FILE_HYPERPARAMETERS = {"adamerging": ("coefficients",)}
 
 
 class RecipeError(ValueError):
@@ -40,6 +44,21 @@ class Recipe(BaseModel):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = Field(None, description="output dtype of float tensors (default: the base's)")
     device: str | None = None
+
+    @field_validator("base")
+    @classmethod
+    def _base_not_empty(cls, v: str) -> str:
+        if not v.strip():  # '' would resolve to the recipe's own directory
+            raise ValueError(f"an empty reference; {_REFERENCE_HINT}")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _models_not_empty(cls, v: list[str]) -> list[str]:
+        for i, ref in enumerate(v):
+            if not ref.strip():
+                raise ValueError(f"models[{i}] is an empty reference; {_REFERENCE_HINT}")
+        return v
 
     @field_validator("dtype")
     @classmethod
@@ -68,10 +87,16 @@ class Recipe(BaseModel):
         return DTYPES[self.dtype] if self.dtype else None
 
     def resolved(self, root: Path) -> Recipe:
-        """The recipe with every checkpoint reference turned into an existing local path."""
+        """The recipe with every checkpoint reference (and file hyperparameter) turned into an
+        existing local path."""
+        hyperparameters = dict(self.hyperparameters)
+        for name in FILE_HYPERPARAMETERS.get(self.method, ()):
+            if isinstance(hyperparameters.get(name), str):
+                hyperparameters[name] = _resolve_file(hyperparameters[name], root, f"hyperparameters.{name}")
         return self.model_copy(update={
             "base": _resolve(self.base, root, "base"),
             "models": [_resolve(m, root, f"models[{i}]") for i, m in enumerate(self.models)],
+            "hyperparameters": hyperparameters,
         })
 
 
@@ -79,13 +104,56 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read a mergeflow or mergekit YAML recipe; references resolved against its directory."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"recipe not found: {path}") from None
+        data = yaml.load(_recipe_text(path), Loader=_UniqueKeyLoader)  # a SafeLoader: no tags run
+    except _DuplicateKey as err:
+        raise RecipeError(f"{path}: line {err.line}: key {err.key!r} is given twice in one mapping (first on "
+                          f"line {err.first_line}); YAML would silently keep the last, so remove one") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from None
     recipe = parse_recipe(data, source=str(path))
     return recipe.resolved(path.resolve().parent)
+
+
+def _recipe_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a directory; pass the recipe's .yaml file") from None
+    hint = "pass the recipe's .yaml file (checkpoints go in its base and models), saved as UTF-8"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not a text YAML recipe (byte {raw[err.start]:#04x} at offset {err.start} "
+                          f"is not UTF-8); {hint}") from None
+    if "\x00" in text:  # valid UTF-8 can still be binary (a checkpoint's ASCII-only bytes)
+        raise RecipeError(f"{path}: not a text YAML recipe (it holds NUL bytes); {hint}")
+    return text
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one,
+    so `method: ties` then `method: dare` would silently run dare)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            # Only the mapping's own scalar keys: a `<<` merge's keys may be overridden on purpose.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_recipe(data: object, *, source: str = "recipe") -> Recipe:
@@ -107,8 +175,10 @@ def parse_recipe(data: object, *, source: str = "recipe") -> Recipe:
 def _short(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "recipe"
-        parts.append(f"{loc}: {e['msg']}")
+        loc = ".".join(str(x) for x in e["loc"])
+        # A validator's own message already names its field: no "recipe: Value error, " before it.
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -120,9 +190,23 @@ def _resolve(ref: str, root: Path, field: str) -> str:
             return str(locate_checkpoint(ref))
         except (ValueError, OSError) as err:
             raise RecipeError(f"{field}: {err}") from None
-    local = Path(ref.removeprefix("file://")).expanduser()
-    local = local if local.is_absolute() else root / local
+    local = _local(ref, root)
     if not local.exists():
-        raise RecipeError(f"{field}: {ref!r} not found (looked at {local}); give a local checkpoint "
-                          "directory or .safetensors file, hf://org/name@revision or pip:package")
+        raise RecipeError(f"{field}: {ref!r} not found (looked at {local}); {_REFERENCE_HINT}")
     return str(local.resolve())
+
+
+_REFERENCE_HINT = "give a local checkpoint directory or .safetensors file, hf://org/name@revision or pip:package"
+
+
+def _resolve_file(ref: str, root: Path, field: str) -> str:
+    local = _local(ref, root)
+    if not local.is_file():
+        raise RecipeError(f"{field}: {ref!r} is not a file (looked at {local}); give its path, absolute "
+                          "or relative to the recipe")
+    return str(local.resolve())
+
+
+def _local(ref: str, root: Path) -> Path:
+    local = Path(ref.removeprefix("file://")).expanduser()
+    return local if local.is_absolute() else root / local
