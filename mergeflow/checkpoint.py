@@ -92,7 +92,12 @@ class Checkpoint:
     def config(self) -> dict | None:
         """The HF `config.json` next to the weights, if any."""
         cfg = self.directory / "config.json"
-        return json.loads(cfg.read_text()) if self.path.is_dir() and cfg.exists() else None
+        if not (self.path.is_dir() and cfg.exists()):
+            return None
+        try:
+            return json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{cfg}: not valid JSON ({err}); restore the model's config.json") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._info
@@ -205,7 +210,12 @@ def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses arbitrary objects: say so plainly
-        raise CheckpointError(f"{path}: refused to unpickle ({type(err).__name__}: {err})") from None
+        # torch's message suggests weights_only=False, which would run the pickle's code: only
+        # its own diagnosis is kept.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        detail = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+        raise CheckpointError(f"{path}: refused to unpickle: it holds more than tensors ({detail}). mergeflow "
+                              "never runs a pickle's code; convert the checkpoint to safetensors") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

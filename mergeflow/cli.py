@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the recipe's, else cpu)")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="accept pickle checkpoints (loaded with torch.load(weights_only=True))")
+    merge.add_argument("--trust-remote-code", action="store_true",
+                       help="accept models whose config.json needs remote code (auto_map); the merge runs none")
     merge.add_argument("--dry-run", action="store_true", help="validate and print the estimate only")
     merge.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     merge.set_defaults(target="mergeflow.recipe_cli:main")
@@ -54,11 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _call(args.target, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: every atomic write removes its
+    temp directory on the way out, so no half-written output is left."""
+    raise KeyboardInterrupt
 
 
 def _version() -> str:

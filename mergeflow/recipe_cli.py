@@ -22,6 +22,7 @@ def main(args: argparse.Namespace) -> int:
             device=args.device or recipe.device or "cpu",
             progress=not getattr(args, "quiet", False),
             allow_pickle=bool(getattr(args, "allow_pickle", False)),
+            trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
             out_dtype=recipe.out_dtype,
             recipe=recipe.model_dump(mode="json"),
             dry_run=bool(getattr(args, "dry_run", False)),

@@ -214,7 +214,7 @@ def _locate_hub(ref: str, *, allow_pickle: bool, trust_remote_code: bool) -> Pat
         raise SourceError(f"{ref}: no safetensors weights {where} (files: {sorted(files)[:8]})")
     # 2. The config first: a model that needs remote code is refused before its weights come.
     config_dir = _hub_snapshot(repo_id, revision, patterns=HF_CONFIG_PATTERNS, local_only=local_only)
-    _check_remote_code(config_dir / "config.json", ref, trust_remote_code)
+    check_remote_code(config_dir / "config.json", ref, trust_remote_code)
     # 3. Weights: safetensors only, pickles only if the user opted in and there is nothing else.
     weights = HF_WEIGHT_PATTERNS if has_safetensors else HF_PICKLE_PATTERNS
     patterns = HF_CONFIG_PATTERNS + HF_TOKENIZER_PATTERNS + weights
@@ -298,11 +298,12 @@ def _hub_cache_dir() -> str | None:
 
 def _check_checkpoint(path: Path, ref: str, *, allow_pickle: bool, trust_remote_code: bool) -> None:
     if path.is_dir():
-        _check_remote_code(path / "config.json", ref, trust_remote_code)
+        check_remote_code(path / "config.json", ref, trust_remote_code)
     Checkpoint(path, allow_pickle=allow_pickle)  # reads headers only; clear errors for bad files
 
 
-def _check_remote_code(config_file: Path, ref: str, trust_remote_code: bool) -> None:
+def check_remote_code(config_file: Path, ref: str, trust_remote_code: bool) -> None:
+    """Refuse a checkpoint whose config.json needs remote code (auto_map), unless trusted."""
     if trust_remote_code or not config_file.exists():
         return
     try:
@@ -312,8 +313,8 @@ def _check_remote_code(config_file: Path, ref: str, trust_remote_code: bool) -> 
     if isinstance(config, dict) and (config.get("auto_map") or config.get("trust_remote_code")):
         raise SourceError(
             f"{ref}: its config.json needs remote code (auto_map: {config.get('auto_map')}); "
-            "mergeflow never runs code from a checkpoint. Pass trust_remote_code=True only if you "
-            "have read that code."
+            "mergeflow never runs code from a checkpoint. Pass trust_remote_code=True (mergeflow merge "
+            "--trust-remote-code) only if you have read that code."
         )
 
 

@@ -233,10 +233,36 @@ def test_remote_code_in_config_is_not_trusted(tmp_path: Path) -> None:
     corpus.remote_code_config(models[0], marker)
     with pytest.raises(ValueError, match="auto_map"):
         resolve_checkpoint(str(models[0]))
-    with pytest.raises(ValueError, match="auto_map"):
-        merge_checkpoints("average", base, models, tmp_path / "merged", {}, progress=False)
-    assert not marker.exists(), "remote code ran"
+    with pytest.raises(ValueError, match="auto_map.*--trust-remote-code"):
+        merge_checkpoints("average", base, models, tmp_path / "merged", {}, progress=False, input_hashes=["-"] * 3)
     _assert_nothing_written(tmp_path / "merged")
+    # Opted in, the merge runs (it reads tensors and copies files, nothing else) and runs no code.
+    merge_checkpoints("average", base, models, tmp_path / "merged", {}, progress=False, trust_remote_code=True)
+    assert not marker.exists(), "remote code ran"
+
+
+def test_a_corrupt_config_json_is_named(tmp_path: Path) -> None:
+    base, models = corpus.family(tmp_path)
+    (models[1] / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"ft1/config.json: not valid JSON"):
+        merge_checkpoints("ties", base, models, tmp_path / "merged", {}, progress=False, input_hashes=["-"] * 3)
+    _assert_nothing_written(tmp_path / "merged")
+
+
+def test_a_refused_pickle_never_suggests_loading_it_unsafely(tmp_path: Path) -> None:
+    marker = tmp_path / corpus.MARKER_NAME
+    _, models = corpus.family(tmp_path)
+    corpus.malicious_pickle(models[0], marker)
+    with pytest.raises(CheckpointError) as err:
+        Checkpoint(models[0], allow_pickle=True)
+    assert "weights_only=False" not in str(err.value) and "never runs a pickle's code" in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_missing_adamerging_coefficients_file_is_named() -> None:
+    base = {"w": torch.zeros(2)}
+    with pytest.raises(ValueError, match="coefficients='nope.safetensors': No such file"):
+        merge("adamerging", base, [{"w": torch.ones(2)}], coefficients="nope.safetensors")
 
 
 # ---- the artifact store keeps to its root ----

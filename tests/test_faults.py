@@ -235,3 +235,36 @@ def test_concurrent_writers_never_corrupt_the_store(tmp_path: Path) -> None:
         assert manifest["content_hash"] == hash_tree(a)
         assert sorted(p.name for p in a.iterdir()) == [MANIFEST, "model.bin"]
     assert _tmp_leftovers(store) == []
+
+
+# ---- a merge stopped by the scheduler ----
+
+def test_sigterm_mid_merge_leaves_no_temp_dir(tmp_path: Path) -> None:
+    """`mergeflow merge` stopped with SIGTERM (what a scheduler or `kill` sends) unwinds like
+    Ctrl-C: exit 130, and neither the output nor its temp directory is left."""
+    g = torch.Generator().manual_seed(0)
+    base_sd = {f"w{i}": torch.randn(2048, 2048, generator=g) for i in range(6)}
+    paths = [save_checkpoint(base_sd, tmp_path / "base")]
+    for j in range(2):
+        paths.append(save_checkpoint({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base_sd.items()},
+                                     tmp_path / f"ft{j}"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: ties\nbase: {paths[0]}\nmodels: [{paths[1]}, {paths[2]}]\n")
+    out = tmp_path / "merged"
+    env = {**os.environ, "MERGEFLOW_HASH_CACHE": str(tmp_path / "hash-cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "mergeflow", "merge", str(recipe), "--out", str(out), "-q"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".merged.tmp-*")):  # the merge pass has begun writing
+            assert proc.poll() is None, f"the merge ended before it wrote:\n{proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the merge never started writing"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not out.exists() and not list(tmp_path.glob(".merged*")), "a stopped merge left files behind"

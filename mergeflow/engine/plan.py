@@ -98,7 +98,8 @@ class MergePlan:
 
 def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], hparams: dict,
                *, out_dir: str | Path | None = None, device: str | torch.device = "cpu",
-               allow_pickle: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> MergePlan:
+               allow_pickle: bool = False, trust_remote_code: bool = False,
+               chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> MergePlan:
     m = get_method(method)
     try:
         params = m.params(**hparams)
@@ -114,6 +115,7 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
         raise MergeConfigError(str(err)) from None
     dev = _device(device)
     _check_distinct_inputs(m, base_dir, model_dirs)
+    _check_remote_code([base_dir, *model_dirs], trust_remote_code)
     base = TensorSource(base_dir, allow_pickle=allow_pickle)
     models = [TensorSource(d, allow_pickle=allow_pickle) for d in model_dirs]
     labels = [str(d) for d in model_dirs]
@@ -183,6 +185,19 @@ def _device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise MergeConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def _check_remote_code(dirs: list[str | Path], trust_remote_code: bool) -> None:
+    """The merge runs no code from a checkpoint, but a merged model whose config needs remote code
+    would: such inputs need the caller's explicit trust."""
+    # imported here: sources imports hashing, which imports the engine's reader (a cycle at import)
+    from mergeflow.sources import check_remote_code
+
+    for d in dirs:
+        try:
+            check_remote_code(Path(d) / "config.json", str(d), trust_remote_code)
+        except ValueError as err:
+            raise MergeConfigError(str(err)) from None
 
 
 def _check_distinct_inputs(method: MergeMethod, base_dir: str | Path, model_dirs: list[str | Path]) -> None:

@@ -84,6 +84,7 @@ def merge_checkpoints(
     device: str | torch.device = "cpu",
     progress: bool = True,
     allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     workers: int | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -104,13 +105,15 @@ def merge_checkpoints(
     `recipe` (the recipe as a dict) is recorded in the manifest. With `dry_run`, only the checks
     and the estimate run, and the plan is returned. `kth_cap` (values kept per task by the
     exact quantile selection) and `kth_sample` (values sampled to place its window) trade
-    memory for passes; results never depend on them. `cpu_kernels=False` runs every step with
+    memory for passes; results never depend on them. `trust_remote_code` accepts inputs whose
+    config.json needs remote code (auto_map): the merge runs none, but the merged model would. `cpu_kernels=False` runs every step with
     the methods' torch code instead of their fused CPU kernels (same output bytes, slower).
     """
     t0 = time.perf_counter()
     _check_call(model_dirs, input_hashes, out_dtype)
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
-                      device=device, allow_pickle=allow_pickle, chunk_elems=chunk_elems)
+                      device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                      chunk_elems=chunk_elems)
     plan.cpu_kernels = cpu_kernels
     # More threads stop paying off early: the units' Python work serialises on the GIL and the
     # elementwise math is bound by memory bandwidth (16 threads on a 16-CPU machine ran global
@@ -126,7 +129,7 @@ def merge_checkpoints(
             return plan
         prepare_kernels(plan, out_dtype)  # in the background; the torch code runs until they are loaded
         hashes = list(input_hashes) if input_hashes is not None else _content_hashes(
-            [base_dir, *model_dirs], allow_pickle, workers=workers, progress=progress)
+            [base_dir, *model_dirs], allow_pickle, trust_remote_code, workers=workers, progress=progress)
         with torch_threads(1 if (workers > 1 and plan.device.type == "cpu") else None):
             stats = compute_global_stats(plan, workers=workers, progress=progress, kth_cap=kth_cap,
                                          kth_sample=kth_sample)
@@ -330,7 +333,8 @@ def _manifest(plan: MergePlan, stats: GlobalStats, hashes: list[str], output_has
     }
 
 
-def _content_hashes(paths: list[str | Path], allow_pickle: bool, *, workers: int, progress: bool) -> list[str]:
+def _content_hashes(paths: list[str | Path], allow_pickle: bool, trust_remote_code: bool, *, workers: int,
+                    progress: bool) -> list[str]:
     """The inputs' content hashes for the manifest, a thread per checkpoint (sha256 releases the
     GIL). Cached on disk by file stat, so only the first merge of a checkpoint version reads it
     for this: about 0.8 s per GB and CPU here."""
@@ -342,6 +346,6 @@ def _content_hashes(paths: list[str | Path], allow_pickle: bool, *, workers: int
               "by file stat)", file=sys.stderr)
 
     def content_hash(path: Path) -> str:
-        return resolve_checkpoint(str(path), allow_pickle=allow_pickle).content_hash
+        return resolve_checkpoint(str(path), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code).content_hash
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
         return list(pool.map(content_hash, paths))

@@ -43,7 +43,11 @@ def load_coefficients(path: str | None) -> Coefficients:
         raise ValueError(
             "method 'adamerging' needs learned coefficients: pass coefficients=<file> (written by "
             "mergeflow.adamerging.tune_coefficients), or run it in the pipeline, which tunes them first")
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise ValueError(f"adamerging: coefficients={path!r}: {err.strerror}; give the file that "
+                         "mergeflow.adamerging.tune_coefficients wrote") from None
     return _load(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
 
 
