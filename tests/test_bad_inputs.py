@@ -9,6 +9,7 @@ the artifact store, and params.yaml validation (`load_params`).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,11 @@ def test_the_same_checkpoint_twice_or_the_base_as_a_model_is_refused(tmp_path: P
         merge_checkpoints("ties", base, [models[0], again], out, {}, progress=False)
     with pytest.raises(ValueError, match="base checkpoint itself"):
         merge_checkpoints("pcb", base, [base, models[0]], out, {}, progress=False)
+    _assert_nothing_written(out)
+    copy = tmp_path / "copy_of_base"
+    shutil.copytree(base, copy)  # the same contents under another path
+    with pytest.raises(ValueError, match="copy_of_base has the same content as the base"):
+        merge_checkpoints("ties", base, [copy, models[0]], out, {}, progress=False)
     _assert_nothing_written(out)
     # Methods that combine the models themselves may take the base as one of them.
     merge_checkpoints("average", base, [base, models[0]], out, {}, progress=False)

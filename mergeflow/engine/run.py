@@ -130,6 +130,8 @@ def merge_checkpoints(
         prepare_kernels(plan, out_dtype)  # in the background; the torch code runs until they are loaded
         hashes = list(input_hashes) if input_hashes is not None else _content_hashes(
             [base_dir, *model_dirs], allow_pickle, trust_remote_code, workers=workers, progress=progress)
+        if input_hashes is None:  # given ones are the caller's labels, not necessarily contents
+            _check_distinct_contents(plan, hashes)
         with torch_threads(1 if (workers > 1 and plan.device.type == "cpu") else None):
             stats = compute_global_stats(plan, workers=workers, progress=progress, kth_cap=kth_cap,
                                          kth_sample=kth_sample)
@@ -152,6 +154,19 @@ def _check_call(model_dirs: Sequence[str | Path], input_hashes: Sequence[str] | 
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise MergeConfigError(f"out_dtype {out_dtype!r} is not a float dtype; use torch.bfloat16, "
                                "torch.float16 or torch.float32")
+
+
+def _check_distinct_contents(plan: MergePlan, hashes: list[str]) -> None:
+    """What plan_merge checks for paths, for contents (a copy of the base saved elsewhere, say),
+    from the input content hashes the manifest records: known before any pass."""
+    labels = [str(plan.base.path), *(str(m.path) for m in plan.models)]
+    first: dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        if h in first and (first[h] > 0 or plan.method.task_vectors):
+            what = "the base" if first[h] == 0 else labels[first[h]]
+            raise MergeConfigError(f"models: {labels[i]} has the same content as {what} ({h[:12]}...)"
+                                   + ("; its task vector is zero, so drop it" if first[h] == 0 else "; list it once"))
+        first.setdefault(h, i)
 
 
 def estimate(plan: MergePlan, workers: int) -> str:
