@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,20 @@ from safetensors.torch import save_file
 from mergeflow.checkpoint import INDEX_FILE, SINGLE_FILE
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
+
+
+# Temp directories of writes not yet committed or aborted, for `remove_unfinished_outputs`.
+_UNFINISHED: set[Path] = set()
+_UNFINISHED_LOCK = threading.Lock()
+
+
+def remove_unfinished_outputs() -> None:
+    """Delete every unfinished write's temp directory (a process about to exit without
+    unwinding: see mergeflow.recipe_cli's stop handler)."""
+    with _UNFINISHED_LOCK:
+        pending = list(_UNFINISHED)
+    for tmp_dir in pending:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 class CheckpointWriter:
@@ -34,6 +49,8 @@ class CheckpointWriter:
         self.max_shard_bytes = max_shard_bytes
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir(parents=True)
+        with _UNFINISHED_LOCK:
+            _UNFINISHED.add(self.tmp_dir)
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str], int]] = []  # temp file name, tensor names, bytes
@@ -89,10 +106,16 @@ class CheckpointWriter:
         else:
             os.replace(self.tmp_dir, self.out_dir)
         self._committed = True
+        self._finished()
         return self.out_dir
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._finished()
+
+    def _finished(self) -> None:
+        with _UNFINISHED_LOCK:
+            _UNFINISHED.discard(self.tmp_dir)
 
     def __enter__(self) -> CheckpointWriter:
         return self

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 
 
@@ -57,18 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _call(args.target, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: every atomic write removes its
-    temp directory on the way out, so no half-written output is left."""
-    raise KeyboardInterrupt
 
 
 def _version() -> str:

@@ -268,3 +268,39 @@ def test_sigterm_mid_merge_leaves_no_temp_dir(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert not out.exists() and not list(tmp_path.glob(".merged*")), "a stopped merge left files behind"
+
+
+STUCK_UNWIND = """
+import sys, time
+from pathlib import Path
+from mergeflow import recipe_cli
+from mergeflow.checkpoint_writer import CheckpointWriter
+
+recipe_cli.STOP_GRACE_SECONDS = float(sys.argv[2])
+recipe_cli.install_stop_handlers()
+writer = CheckpointWriter(Path(sys.argv[1]))
+print(writer.tmp_dir, flush=True)
+try:
+    time.sleep(120)
+finally:
+    time.sleep(120)  # an unwinding that never ends, as when a signal lands inside a lock it needs
+"""
+
+
+@pytest.mark.parametrize("grace, signals", [(1.0, 1), (120.0, 2)], ids=["watchdog", "second signal"])
+def test_a_stuck_unwind_still_exits_and_removes_the_unfinished_output(tmp_path: Path, grace: float,
+                                                                      signals: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_UNWIND, str(tmp_path / "out"), str(grace)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        tmp_dir = Path(proc.stdout.readline().strip())
+        assert tmp_dir.is_dir()
+        for _ in range(signals):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert not tmp_dir.exists()
