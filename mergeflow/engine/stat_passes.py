@@ -80,8 +80,10 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
             fused = _fused_window(plan, stat_pass, reductions[key(unit)], unit, check)
             if fused is not None:
                 return fused
-            group = read_group(plan, unit, check_finite=check)
-            return reductions[key(unit)].summarize(stat_pass.values(group, plan.params, stats))
+            values = None if check else _values_by_kernel(plan, stat_pass, stats, unit)
+            if values is None:
+                values = stat_pass.values(read_group(plan, unit, check_finite=check), plan.params, stats)
+            return reductions[key(unit)].summarize(values)
 
         last = {key(u): u for u in todo}
         # Only the first read of the inputs (the one that checks them) needs read-ahead hints
@@ -123,6 +125,16 @@ def _fused_window(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction
             read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
         partials[name] = (unit.elems, counts, kept, None)
     return partials
+
+
+def _values_by_kernel(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats,
+                      unit: Unit) -> dict[str, torch.Tensor] | None:
+    """The pass's values from its fused CPU kernel (StatPass.cpu_values), or None where it does
+    not apply (no kernel, kernels not loaded, inputs on another device or in mixed dtypes)."""
+    if stat_pass.cpu_values is None:
+        return None
+    raw = kernel_input(plan, unit)
+    return None if raw is None else stat_pass.cpu_values(raw, plan.params, stats)
 
 
 def separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:

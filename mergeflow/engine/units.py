@@ -73,7 +73,7 @@ def prepare_kernels(plan: MergePlan, out_dtype: torch.dtype | None) -> None:
     """Start loading the fused CPU kernels for this merge's dtypes in the background (see
     mergeflow.kernels.prepare); a no-op where the engine will not use them."""
     method = plan.method
-    has_kernels = method.cpu_kernel is not None or any(sp.cpu_window for sp in method.stat_passes)
+    has_kernels = method.cpu_kernel is not None or any(sp.cpu_window or sp.cpu_values for sp in method.stat_passes)
     if not plan.cpu_kernels or plan.device.type != "cpu" or not has_kernels:
         return
     from mergeflow import kernels

@@ -188,6 +188,10 @@ class StatPass:
     # computed from the stacked stored values raw (n + 1, m) (base first).
     cpu_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                          tuple[np.ndarray, list[torch.Tensor], int]] | None = None
+    # Optional: cpu_values(raw, params, stats) -> what `values` gives, computed from the stacked
+    # stored values raw (n + 1, m) (base first) by a fused kernel, or None where it cannot (the
+    # engine then runs `values`). Bitwise the same; used on passes after the inputs' NaN check.
+    cpu_values: Callable[[torch.Tensor, Hyperparams, GlobalStats], dict[str, torch.Tensor] | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -256,14 +256,30 @@ def _clip_reductions(params: PcbParams) -> dict[str, Reduce]:
     }
 
 
-def _score_values(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
+def _check_clip_range(stats: GlobalStats) -> None:
     constant = (stats[CLIP_HIGH] <= stats[CLIP_LOW]).nonzero().flatten().tolist()
     if constant:
         raise ValueError(
             f"pcb: the clipped |task vector| of model(s) {constant} is constant over the whole model "
             "(a fine-tune equal to the base?), so its min-max normalisation is undefined; drop it"
         )
+
+
+def _score_values(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
+    _check_clip_range(stats)
     return {"pcb_score": scores(_rows(group), params, stats)}
+
+
+def _score_values_from_stored(raw: torch.Tensor, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor] | None:
+    """`_score_values` with the steps before exp and tanh in a fused kernel (nlp variant only:
+    the vision variants' inter terms need the normalised vectors of every task)."""
+    if params.variant != "nlp":
+        return None
+    from mergeflow.kernels.pcb import score_arguments
+
+    _check_clip_range(stats)
+    inter, intra = score_arguments(raw, stats[CLIP_LOW], stats[CLIP_HIGH])
+    return {"pcb_score": intra.exp_().mul_(tanh_(inter))}  # as _scores_from: exp(intra) * tanh(inter)
 
 
 def _score_reductions(params: PcbParams) -> dict[str, Reduce]:
@@ -284,7 +300,7 @@ def check_score_stats(stats: GlobalStats) -> None:
 
 
 PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=abs_delta_window),
-                   StatPass(_score_values, _score_reductions))
+                   StatPass(_score_values, _score_reductions, cpu_values=_score_values_from_stored))
 
 
 @register(
