@@ -278,8 +278,10 @@ def _score_values_from_stored(raw: torch.Tensor, params: PcbParams, stats: Globa
     from mergeflow.kernels.pcb import score_arguments
 
     _check_clip_range(stats)
-    inter, intra = score_arguments(raw, stats[CLIP_LOW], stats[CLIP_HIGH])
-    return {"pcb_score": intra.exp_().mul_(tanh_(inter))}  # as _scores_from: exp(intra) * tanh(inter)
+    inter, intra, large = score_arguments(raw, stats[CLIP_LOW], stats[CLIP_HIGH], TANH_IS_IDENTITY_BELOW)
+    if large:  # else tanh(inter) is inter itself, bit for bit
+        tanh_(inter)
+    return {"pcb_score": intra.exp_().mul_(inter)}  # as _scores_from: exp(intra) * tanh(inter)
 
 
 def _score_reductions(params: PcbParams) -> dict[str, Reduce]:
