@@ -15,6 +15,7 @@ import mergeflow
 from mergeflow.checkpoint import load_state_dict
 from mergeflow.checkpoint_writer import save_checkpoint
 from mergeflow.engine import NonFiniteInput, NonFiniteOutput, merge_checkpoints
+from mergeflow.methods import TensorGroup
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -292,3 +293,30 @@ def test_pcb_score_kernel_gives_the_torch_scores_bitwise(dtype, n, scales):
     expected = pcb.scores(deltas.clone(), params, stats)
     got = pcb._score_values_from_stored(raw, params, stats)["pcb_score"]
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("marked", [True, False], ids=["candidates", "every entry"])
+def test_pcb_merge_kernel_writes_the_torch_bytes(dtype, n, marked):
+    """PCB's fused merge (nlp) against the torch `pcb` on one unit: the base outside the
+    candidates, the weighted mean at them and at the base's -0.0 entries, rounded as torch does."""
+    from mergeflow.kernels.pcb import merge_nlp
+    from mergeflow.methods import pcb
+
+    g = torch.Generator().manual_seed(10 + n)
+    base = torch.randn(3000, generator=g) * 0.02
+    base[::7] = -0.0
+    tau = torch.randn(n, 3000, generator=g) * torch.tensor([1e-3, 3e-2])[torch.randint(0, 2, (n, 3000), generator=g)]
+    raw = torch.cat([base[None], base + tau]).to(dtype)
+    group = TensorGroup("w", raw[0].float(), raw[1:].float())
+    deltas = group.deltas
+    stats = {pcb.CLIP_LOW: deltas.abs().quantile(0.05, dim=1), pcb.CLIP_HIGH: deltas.abs().quantile(0.9, dim=1)}
+    params = pcb.PcbParams(ratio=0.2, lam=0.7)
+    score = pcb.scores(deltas.clone(), params, stats)
+    stats |= {pcb.SCORE_CUT: score.quantile(0.8, dim=1), pcb.SCORE_MAX: score.amax(dim=1)}
+    candidates = (score >= stats[pcb.SCORE_CUT][:, None]).any(dim=0).nonzero().squeeze(1) if marked else None
+    expected = pcb.pcb(TensorGroup("w", group.base, group.models, 0, candidates), params, stats).to(dtype)
+    out = torch.empty(3000, dtype=dtype)
+    merge_nlp(raw, out, candidates, stats, params.lam, pcb.tanh_, pcb.TANH_IS_IDENTITY_BELOW)
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))

@@ -48,6 +48,7 @@ from mergeflow.engine.plan import (
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET
 from mergeflow.engine.stat_passes import compute_global_stats, separate_passes
 from mergeflow.engine.units import (
+    candidates,
     kernel_input,
     prepare_kernels,
     read_group,
@@ -202,7 +203,8 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
     def merged_unit(unit: Unit) -> tuple[torch.Tensor, Provisional | None]:
         if unit.name not in plan.float_names:
             return plan.base.read(unit.name, unit.row_start, unit.row_end), None
-        raw = kernel_input(plan, unit, dtype(unit.name)) if plan.method.cpu_kernel else None
+        kernel = plan.method.cpu_kernel
+        raw = kernel_input(plan, unit, dtype(unit.name)) if kernel and kernel.applies(plan.params) else None
         if raw is not None:
             return _merged_by_kernel(plan, unit, raw, dtype(unit.name), stats, check_finite=first_pass)
         group = read_group(plan, unit, check_finite=first_pass)
@@ -258,7 +260,8 @@ def _merged_by_kernel(plan: MergePlan, unit: Unit, raw: torch.Tensor, dtype: tor
                       *, check_finite: bool) -> tuple[torch.Tensor, Provisional | None]:
     """The unit merged by the method's fused CPU kernel from its stacked stored values `raw`."""
     out = torch.empty(unit.elems, dtype=dtype)
-    nonfinite, provisional = plan.method.cpu_kernel.merge(unit.name, unit.offset, raw, out, plan.params, stats)
+    nonfinite, provisional = plan.method.cpu_kernel.merge(unit.name, unit.offset, raw, out, plan.params, stats,
+                                                          candidates(plan, unit))
     if nonfinite and check_finite:
         read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
     return out, provisional

@@ -49,7 +49,7 @@ def read_group(plan: MergePlan, unit: Unit, *, check_finite: bool) -> TensorGrou
     base, models = full[0].reshape(shape), full[1:].reshape((plan.n, *shape))
     if check_finite:
         _check_finite(plan, unit, base, models)
-    return TensorGroup(unit.name, base, models, unit.offset, _candidates(plan, unit))
+    return TensorGroup(unit.name, base, models, unit.offset, candidates(plan, unit))
 
 
 def kernel_input(plan: MergePlan, unit: Unit, output: torch.dtype | None = None) -> torch.Tensor | None:
@@ -82,7 +82,7 @@ def prepare_kernels(plan: MergePlan, out_dtype: torch.dtype | None) -> None:
     kernels.prepare({(s, s) for s in stored} | ({(s, out_dtype) for s in stored} if out_dtype else set()))
 
 
-def _candidates(plan: MergePlan, unit: Unit) -> torch.Tensor | None:
+def candidates(plan: MergePlan, unit: Unit) -> torch.Tensor | None:
     """The unit's entries marked by a stat pass (Reduce.marks_candidates), as flat indices."""
     bits = plan.candidates.get((unit.name, unit.offset)) if plan.candidates else None
     if bits is None:

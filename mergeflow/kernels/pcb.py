@@ -12,13 +12,15 @@ bit. What the kernel saves is the float32 copy of the inputs and a dozen torch p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
 from mergeflow.kernels.rows import sum_rows
-from mergeflow.kernels.storage import load
+from mergeflow.kernels.storage import load, store
 
 
 def score_arguments(raw: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
@@ -63,3 +65,94 @@ def _arguments(raw, lo, hi, width, n_tasks, identity_below, inter, intra, total)
             row_large += np.int32(abs(x) >= identity_below)  # int32 counters vectorise best
         large += row_large
     return large
+
+
+def merge_nlp(raw: torch.Tensor, out: torch.Tensor, candidates: torch.Tensor | None, stats: dict[str, torch.Tensor],
+              lam: float, tanh_: Callable[[torch.Tensor], torch.Tensor],
+              tanh_identity_below: float) -> None:
+    """PCB's nlp merge of one unit into `out` (its output storage), as `methods.pcb._merge_at`:
+    the base everywhere, and at the candidates (plus the -0.0 entries of the base, where the
+    sign of a zero sum shows) theta_0 + lam * sum_i scale_i T_c,i / max(sum_i scale_i, 1e-12).
+    exp and tanh run in torch (`tanh_`: pcb's tanh that skips the identity), on the candidates only."""
+    from mergeflow.methods.pcb import CLIP_HIGH, CLIP_LOW, SCORE_CUT, SCORE_MAX
+
+    stored = storage_array(raw)
+    n, m = stored.shape[0] - 1, stored.shape[1]
+    idx = np.arange(m, dtype=np.int64) if candidates is None else candidates.numpy().astype(np.int64, copy=False)
+    idx = _with_negative_zeros(stored[0], idx)
+    k = idx.size
+    lo, hi, cut, top = (stats[s].to(torch.float32).reshape(-1).numpy() for s in (CLIP_LOW, CLIP_HIGH, SCORE_CUT, SCORE_MAX))
+    clipped, inter, intra = (thread_scratch(f"pcb_merge_{s}", (n, k)) for s in ("clipped", "inter", "intra"))
+    total = thread_scratch("pcb_merge_total", (1, k))
+    large = _candidate_arguments(stored, idx, lo, hi, (hi - lo).astype(np.float32), np.float32(n),
+                                 np.float32(tanh_identity_below), clipped, inter, intra, total)
+    scores = torch.from_numpy(intra).exp_()
+    scores.mul_(tanh_(torch.from_numpy(inter)) if large else torch.from_numpy(inter))
+    _weighted_mean_into(stored[0], idx, intra, clipped, cut, top, (top - cut).astype(np.float32), np.float32(lam),
+                        storage_array(out))
+
+
+def _with_negative_zeros(base: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    bits = base if base.dtype == np.uint16 else base.view(np.uint32)
+    negative_zeros = np.flatnonzero(bits == (0x8000 if base.dtype == np.uint16 else 0x80000000))
+    return idx if not negative_zeros.size else np.union1d(idx, negative_zeros)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _candidate_arguments(raw, idx, lo, hi, width, n_tasks, identity_below, clipped, inter, intra, total):
+    """At the positions idx: T_c = sign(tau) * clamp(|tau|, lo, hi), and exp's and tanh's
+    arguments as `_arguments`; returns how many tanh arguments reach identity_below."""
+    base = raw[0]
+    n = raw.shape[0] - 1
+    for i in range(n):
+        row, tau = raw[i + 1], inter[i]
+        for q in range(idx.shape[0]):
+            j = idx[q]
+            tau[q] = load(row[j]) - load(base[j])
+    sum_rows(inter, n, total[0])
+    s = total[0]
+    large = np.int64(0)
+    for i in range(n):
+        tau, arg, kept = inter[i], intra[i], clipped[i]
+        low, high, span = lo[i], hi[i], width[i]
+        row_large = np.int32(0)
+        for q in range(tau.shape[0]):
+            t = tau[q]
+            a = abs(t)
+            a = low if a < low else a
+            a = high if a > high else a
+            kept[q] = np.float32((t > 0) - (t < 0)) * a  # torch.sign(tau) * A (sign(+-0) is +0)
+            normalized = (a - low) / span
+            arg[q] = normalized * normalized * n_tasks
+            x = t * s[q]
+            tau[q] = x
+            row_large += np.int32(abs(x) >= identity_below)
+        large += row_large
+    return large
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _weighted_mean_into(base, idx, scores, clipped, cut, top, span, lam, out):
+    """out = the base, then at idx: theta_0 + lam * sum_i scale_i T_c,i / max(sum_i scale_i, 1e-12)
+    with scale_i = (clamp(score_i, cut_i, top_i) - cut_i) / (top_i - cut_i), sums in task order."""
+    for j in range(out.shape[0]):
+        store(out, j, load(base[j]))
+    n = scores.shape[0]
+    eps = np.float32(1e-12)
+    for q in range(idx.shape[0]):
+        den = np.float32(0.0)
+        num = np.float32(0.0)
+        for i in range(n):
+            x = scores[i, q]
+            x = cut[i] if x < cut[i] else x
+            x = top[i] if x > top[i] else x
+            scale = (x - cut[i]) / span[i]
+            product = clipped[i, q] * scale
+            if i == 0:
+                den, num = scale, product
+            else:
+                den, num = den + scale, num + product
+        den = eps if den < eps else den
+        j = idx[q]
+        merged = num / den * lam + load(base[j])
+        store(out, j, merged)

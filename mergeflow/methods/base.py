@@ -228,16 +228,18 @@ class FusedLastPass:
 class CpuKernel:
     """A fused CPU version of the engine's merge step for one unit (see mergeflow.kernels).
 
-    `merge(name, offset, raw, out, params, stats) -> (non-finite input count, Provisional or
-    None)`: the unit's entries start at flat `offset` of tensor `name` (TensorGroup.offset);
-    `raw` (n + 1, m) holds the stored values (bf16 or float32, base first), `out` (m,) receives
-    the merged values in the output dtype (bf16 or float32). With a fused last pass it returns
-    that pass's Provisional (its `merged` unused), else None. Bitwise what `merge_tensor` (or the
-    fused last pass) followed by `.to(out.dtype)` gives.
+    `merge(name, offset, raw, out, params, stats, candidates) -> (non-finite input count,
+    Provisional or None)`: the unit's entries start at flat `offset` of tensor `name`
+    (TensorGroup.offset); `raw` (n + 1, m) holds the stored values (bf16 or float32, base first),
+    `out` (m,) receives the merged values in the output dtype (bf16 or float32); `candidates` is
+    TensorGroup.candidates. With a fused last pass it returns that pass's Provisional (its
+    `merged` unused), else None. Bitwise what `merge_tensor` (or the fused last pass) followed by
+    `.to(out.dtype)` gives. `applies(params)`: whether the kernel serves these hyperparameters.
     """
 
-    merge: Callable[[str, int, torch.Tensor, torch.Tensor, Hyperparams, GlobalStats],
+    merge: Callable[[str, int, torch.Tensor, torch.Tensor, Hyperparams, GlobalStats, torch.Tensor | None],
                     tuple[int, Provisional | None]]
+    applies: Callable[[Hyperparams], bool] = lambda params: True
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def _unit_draws(name: str, offset: int, n: int, m: int, params: DareParams) -> n
 
 
 def _dare_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: DareParams,
-                    stats: GlobalStats) -> tuple[int, None]:
+                    stats: GlobalStats, candidates: torch.Tensor | None) -> tuple[int, None]:
     """`dare` in one kernel (mergeflow.kernels.dare), with the same draws as `keep_mask`."""
     from mergeflow.kernels import dare as kernel
 
@@ -170,7 +170,7 @@ MAJORITY_PASS = StatPass(
 
 
 def _dare_ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: DareTiesParams,
-                         stats: GlobalStats) -> tuple[int, Provisional]:
+                         stats: GlobalStats, candidates: torch.Tensor | None) -> tuple[int, Provisional]:
     """The fused last pass of dare_ties in one kernel (mergeflow.kernels.ties), with the same
     draws as `keep_mask`; open entries included. It is dare_ties's only pass, so it also counts
     the non-finite inputs."""

@@ -38,6 +38,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from mergeflow.methods.base import (
+    CpuKernel,
     GlobalStats,
     Hyperparams,
     Reduce,
@@ -305,6 +306,17 @@ PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=abs_delta
                    StatPass(_score_values, _score_reductions, cpu_values=_score_values_from_stored))
 
 
+def _pcb_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: PcbParams,
+                   stats: GlobalStats, candidates: torch.Tensor | None) -> tuple[int, None]:
+    """`pcb` (nlp) of one unit in fused kernels (mergeflow.kernels.pcb), torch's exp and tanh
+    between them; the passes before checked the inputs for NaN/inf."""
+    from mergeflow.kernels.pcb import merge_nlp
+
+    check_score_stats(stats)
+    merge_nlp(raw, out, candidates, stats, params.lam, tanh_, TANH_IS_IDENTITY_BELOW)
+    return 0, None
+
+
 @register(
     "pcb",
     hyperparams=PcbParams,
@@ -313,6 +325,7 @@ PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=abs_delta
     stat_passes=PCB_STAT_PASSES,
     min_models=1,
     elementwise=True,
+    cpu_kernel=CpuKernel(_pcb_fused_cpu, applies=lambda params: params.variant == "nlp"),
 )
 def pcb(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
     check_score_stats(stats)

@@ -19,7 +19,7 @@ class TaskArithmeticParams(Hyperparams):
 
 
 def _fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: TaskArithmeticParams,
-               stats: GlobalStats) -> tuple[int, None]:
+               stats: GlobalStats, candidates: torch.Tensor | None) -> tuple[int, None]:
     from mergeflow.kernels import task_arithmetic as kernel
 
     return kernel.merge(raw, out, params.lam), None  # plan_merge checked a lam list's length

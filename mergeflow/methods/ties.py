@@ -275,7 +275,7 @@ def _ties_provisional(group: TensorGroup, params: TiesParams, stats: GlobalStats
 
 
 def _ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: TiesParams,
-                    stats: GlobalStats) -> tuple[int, Provisional]:
+                    stats: GlobalStats, candidates: torch.Tensor | None) -> tuple[int, Provisional]:
     """`_ties_provisional` in one fused kernel (mergeflow.kernels.ties), open entries included."""
     from mergeflow.kernels import ties as kernel
 
