@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
     from mergeflow.engine import merge_checkpoints
     from mergeflow.recipe import load_recipe
 
-    install_stop_handlers()
+    previous = install_stop_handlers()
     try:
         recipe = load_recipe(args.recipe)
         result = merge_checkpoints(
@@ -42,6 +42,8 @@ def main(args: argparse.Namespace) -> int:
         # the output is written atomically, so nothing is left behind either way.
         print(f"mergeflow merge: {err}", file=sys.stderr)
         return 2
+    finally:
+        restore_handlers(previous)
     if getattr(args, "dry_run", False):
         print("dry run: recipe and checkpoints are valid; nothing was written")
         return 0
@@ -49,9 +51,17 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def install_stop_handlers() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
+def install_stop_handlers() -> dict:
+    """Route SIGINT and SIGTERM to `_stop`; returns the handlers they replace (none off the main
+    thread, where Python cannot set handlers: a merge run from a thread keeps the process's)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def _stop(signum: int, frame: object) -> None:

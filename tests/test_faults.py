@@ -279,8 +279,8 @@ from mergeflow.checkpoint_writer import CheckpointWriter
 recipe_cli.STOP_GRACE_SECONDS = float(sys.argv[2])
 recipe_cli.install_stop_handlers()
 writer = CheckpointWriter(Path(sys.argv[1]))
-print(writer.tmp_dir, flush=True)
 try:
+    print(writer.tmp_dir, flush=True)  # inside the try: the test signals once it reads this
     time.sleep(120)
 finally:
     time.sleep(120)  # an unwinding that never ends, as when a signal lands inside a lock it needs
