@@ -30,3 +30,21 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=None):
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compiled_kernels():
+    """Compile (or load) the fused CPU kernels once, before the first test.
+
+    A fresh clone has no numba cache: the first merge compiles the kernels (~20 s of CPU here)
+    on a background thread while the torch code serves. During the tests that background work
+    slowed timing-sensitive ones (a flow killed mid-merge finished before the kill) on CI's
+    fresh clones; done first, every test sees the same, loaded kernels."""
+    import itertools
+
+    from mergeflow import kernels
+
+    pairs = set(itertools.product(kernels.STORAGE_DTYPES, repeat=2))
+    kernels.prepare(pairs)
+    for pair in pairs:
+        kernels.wait_ready(*pair, timeout=600)
