@@ -1,4 +1,5 @@
-"""PCB-Merging's score arguments fused over the stored inputs (the nlp variant).
+"""PCB-Merging (the nlp variant) fused over the stored inputs: the score pass's arguments of exp
+and tanh (`score_arguments`), and the merge at the candidates (`merge_nlp`).
 
 Exactly the float32 operations of `mergeflow.methods.pcb._scores_from` before its exp and tanh,
 in the same order, so with torch's exp and tanh applied after, the scores are bitwise equal:
