@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 Signature = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
@@ -95,23 +94,9 @@ class NonFiniteOutput(ValueError):
     """The merge produced NaN or inf from finite inputs (an overflow); nothing is written."""
 
 
-# (integer view, exponent mask): a float is NaN or inf exactly when all its exponent bits are set
-_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
-                  torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0 << 48)}
-
-
 def check_finite_output(method: str, name: str, merged: torch.Tensor) -> None:
-    """Raise NonFiniteOutput if a merged tensor holds NaN or inf (its inputs were checked).
-
-    On the float bits with numpy: ~30x faster than torch's CPU isfinite, which matters here
-    because every output unit is checked."""
-    view = _EXPONENT_BITS.get(merged.dtype)
-    if view is not None and merged.device.type == "cpu":
-        bits = merged.contiguous().reshape(-1).view(view[0]).numpy()
-        finite = not np.any((bits & view[1]) == view[1])
-    else:
-        finite = not merged.is_floating_point() or _all_finite(merged)
-    if not finite:
+    """Raise NonFiniteOutput if a merged tensor holds NaN or inf (its inputs were checked)."""
+    if merged.is_floating_point() and not _all_finite(merged):
         raise NonFiniteOutput(
             f"{method}: the merged {name} has NaN or inf values although every input is finite: the "
             f"merge overflows {str(merged.dtype).removeprefix('torch.')}. Lower lam (or p for DARE), or "

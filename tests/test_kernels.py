@@ -301,7 +301,6 @@ def test_pcb_score_kernel_gives_the_torch_scores_bitwise(dtype, n, scales):
 def test_pcb_merge_kernel_writes_the_torch_bytes(dtype, n, marked):
     """PCB's fused merge (nlp) against the torch `pcb` on one unit: the base outside the
     candidates, the weighted mean at them and at the base's -0.0 entries, rounded as torch does."""
-    from mergeflow.kernels.pcb import merge_nlp
     from mergeflow.methods import pcb
 
     g = torch.Generator().manual_seed(10 + n)
@@ -318,5 +317,5 @@ def test_pcb_merge_kernel_writes_the_torch_bytes(dtype, n, marked):
     candidates = (score >= stats[pcb.SCORE_CUT][:, None]).any(dim=0).nonzero().squeeze(1) if marked else None
     expected = pcb.pcb(TensorGroup("w", group.base, group.models, 0, candidates), params, stats).to(dtype)
     out = torch.empty(3000, dtype=dtype)
-    merge_nlp(raw, out, candidates, stats, params.lam, pcb.tanh_, pcb.TANH_IS_IDENTITY_BELOW)
+    pcb._pcb_fused_cpu("w", 0, raw, out, params, stats, candidates)
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))

@@ -246,14 +246,13 @@ def _check_output(out: Path, inputs: list[str | Path]) -> None:
         raise MergeConfigError(
             f"{out} exists and is not an earlier mergeflow output; remove it or choose another --out")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _files_written(out))
+        written = _files_written(out)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in written)
         if foreign:  # the new output replaces the directory: they would be lost
             raise MergeConfigError(f"{out} is an earlier mergeflow output that now also holds {foreign[:3]}, "
                                    "which mergeflow did not write and replacing it would delete; move them "
                                    "or choose another --out")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_ancestor(out)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise MergeConfigError(f"cannot create the output under {parent}: not a writable directory; "
                                "choose another --out")
@@ -269,10 +268,16 @@ def _files_written(out: Path) -> set[str]:
     return written | {p.name for p in out.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json")}
 
 
-def _check_disk(out: Path, need: int) -> None:
+def _existing_ancestor(out: Path) -> Path:
+    """The nearest existing directory above `out`: where its temp directory will be created."""
     parent = out.resolve().parent
     while not parent.exists():
         parent = parent.parent
+    return parent
+
+
+def _check_disk(out: Path, need: int) -> None:
+    parent = _existing_ancestor(out)
     free = shutil.disk_usage(parent).free
     if free < need * 1.05 + (64 << 20):
         raise MergeConfigError(

@@ -130,7 +130,7 @@ def merge_checkpoints(
             return plan
         prepare_kernels(plan, out_dtype)  # in the background; the torch code runs until they are loaded
         hashes = list(input_hashes) if input_hashes is not None else _content_hashes(
-            [base_dir, *model_dirs], allow_pickle, trust_remote_code, workers=workers, progress=progress)
+            [base_dir, *model_dirs], allow_pickle, workers=workers, progress=progress)
         if input_hashes is None:  # given ones are the caller's labels, not necessarily contents
             _check_distinct_contents(plan, hashes)
         with torch_threads(1 if (workers > 1 and plan.device.type == "cpu") else None):
@@ -351,8 +351,7 @@ def _manifest(plan: MergePlan, stats: GlobalStats, hashes: list[str], output_has
     }
 
 
-def _content_hashes(paths: list[str | Path], allow_pickle: bool, trust_remote_code: bool, *, workers: int,
-                    progress: bool) -> list[str]:
+def _content_hashes(paths: list[str | Path], allow_pickle: bool, *, workers: int, progress: bool) -> list[str]:
     """The inputs' content hashes for the manifest, a thread per checkpoint (sha256 releases the
     GIL). Cached on disk by file stat, so only the first merge of a checkpoint version reads it
     for this: about 0.8 s per GB and CPU here."""
@@ -363,7 +362,7 @@ def _content_hashes(paths: list[str | Path], allow_pickle: bool, trust_remote_co
         print("mergeflow: hashing the inputs for the manifest (once per checkpoint version; cached "
               "by file stat)", file=sys.stderr)
 
-    def content_hash(path: Path) -> str:
-        return resolve_checkpoint(str(path), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code).content_hash
+    def content_hash(path: Path) -> str:  # plan_merge has checked for remote code already
+        return resolve_checkpoint(str(path), allow_pickle=allow_pickle, trust_remote_code=True).content_hash
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
         return list(pool.map(content_hash, paths))

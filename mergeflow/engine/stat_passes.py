@@ -130,11 +130,13 @@ def _fused_window(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction
 def _values_by_kernel(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats,
                       unit: Unit) -> dict[str, torch.Tensor] | None:
     """The pass's values from its fused CPU kernel (StatPass.cpu_values), or None where it does
-    not apply (no kernel, kernels not loaded, inputs on another device or in mixed dtypes)."""
-    if stat_pass.cpu_values is None:
+    not apply (no kernel or not for these hyperparameters, kernels not loaded, inputs on another
+    device or in mixed dtypes)."""
+    kernel = stat_pass.cpu_values
+    if kernel is None or not kernel.applies(plan.params):
         return None
     raw = kernel_input(plan, unit)
-    return None if raw is None else stat_pass.cpu_values(raw, plan.params, stats)
+    return None if raw is None else kernel.values(raw, plan.params, stats)
 
 
 def separate_passes(plan: MergePlan) -> tuple[StatPass, ...]:

@@ -54,7 +54,6 @@ def wait_ready(stored: torch.dtype, output: torch.dtype, timeout: float | None =
 def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
     try:
         from mergeflow.kernels import dare, pcb, rows, task_arithmetic, ties, window
-        from mergeflow.methods.pcb import CLIP_HIGH, CLIP_LOW, SCORE_CUT, SCORE_MAX
 
         for stored, output in pairs:  # each call compiles (or loads) one specialisation
             raw, out = torch.zeros((3, 8), dtype=stored), torch.empty(8, dtype=output)
@@ -66,9 +65,7 @@ def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
             rows.count_nonfinite(storage_array(raw))
             window.abs_delta_window(raw, torch.zeros(2), torch.ones(2))
             pcb.score_arguments(raw, torch.zeros(2), torch.ones(2), 1.0)
-            bounds = {s: torch.full((2,), v) for s, v in ((CLIP_LOW, 0.0), (CLIP_HIGH, 1.0), (SCORE_CUT, 0.0),
-                                                            (SCORE_MAX, 1.0))}
-            pcb.merge_nlp(raw, out, None, bounds, 1.0, torch.tanh_, 1.0)
+            pcb.merge_nlp(raw, out, torch.arange(8), (torch.zeros(2), torch.ones(2)) * 2, 1.0, torch.tanh_, 1.0)
             _prepared[(stored, output)].set()
     except Exception as e:  # the torch code serves every unit instead: slower, same bytes
         print(f"mergeflow: note: the fused CPU kernels are unavailable ({type(e).__name__}: {e}); "

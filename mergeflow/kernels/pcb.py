@@ -1,5 +1,6 @@
 """PCB-Merging (the nlp variant) fused over the stored inputs: the score pass's arguments of exp
-and tanh (`score_arguments`), and the merge at the candidates (`merge_nlp`).
+and tanh (`score_arguments`), and the merge at the candidates (`merge_nlp`). The method
+(`mergeflow.methods.pcb`) chooses the positions and passes the statistics.
 
 Exactly the float32 operations of `mergeflow.methods.pcb._scores_from` before its exp and tanh,
 in the same order, so with torch's exp and tanh applied after, the scores are bitwise equal:
@@ -31,13 +32,24 @@ def score_arguments(raw: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
     low, high (n,); `large` counts the inter entries at or above `tanh_identity_below` in
     magnitude (where tanh is not the identity: when there are none, tanh has nothing to do)."""
     n, m = raw.shape[0] - 1, raw.shape[1]
-    lo, hi = (b.to(torch.float32).reshape(-1).numpy() for b in (low, high))
-    width = (hi - lo).astype(np.float32)  # float32 - float32: as torch's (high - low) column
+    lo, hi = _row_values(low), _row_values(high)
     inter, intra = thread_scratch("pcb_inter", (n, m)), thread_scratch("pcb_intra", (n, m))
     total = thread_scratch("pcb_total", (1, m))
-    large = _arguments(storage_array(raw), lo, hi, width, np.float32(n), np.float32(tanh_identity_below),
+    large = _arguments(storage_array(raw), lo, hi, _span(lo, hi), np.float32(n), np.float32(tanh_identity_below),
                        inter, intra, total)
     return torch.from_numpy(inter), torch.from_numpy(intra), int(large)
+
+
+@njit(inline="always")
+def _entry(t, total, low, high, span, n_tasks):
+    """One entry of task tau = t, summed tau = total: (A, exp's argument, tanh's argument) with
+    A = clamp(|t|, low, high), as torch's clamp_. No loop inside, so inlining keeps the callers'
+    loops vectorised."""
+    a = abs(t)
+    a = low if a < low else a
+    a = high if a > high else a
+    normalized = (a - low) / span
+    return a, normalized * normalized * n_tasks, t * total
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -56,47 +68,42 @@ def _arguments(raw, lo, hi, width, n_tasks, identity_below, inter, intra, total)
         low, high, span = lo[i], hi[i], width[i]
         row_large = np.int32(0)
         for j in range(tau.shape[0]):
-            a = abs(tau[j])
-            a = low if a < low else a  # clamp(|tau|, lo, hi), as torch's clamp_
-            a = high if a > high else a
-            normalized = (a - low) / span
-            arg[j] = normalized * normalized * n_tasks
-            x = tau[j] * s[j]
+            _, arg[j], x = _entry(tau[j], s[j], low, high, span, n_tasks)
             tau[j] = x
             row_large += np.int32(abs(x) >= identity_below)  # int32 counters vectorise best
         large += row_large
     return large
 
 
-def merge_nlp(raw: torch.Tensor, out: torch.Tensor, candidates: torch.Tensor | None, stats: dict[str, torch.Tensor],
-              lam: float, tanh_: Callable[[torch.Tensor], torch.Tensor],
-              tanh_identity_below: float) -> None:
+def merge_nlp(raw: torch.Tensor, out: torch.Tensor, positions: torch.Tensor,
+              bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], lam: float,
+              tanh_: Callable[[torch.Tensor], torch.Tensor], tanh_identity_below: float) -> None:
     """PCB's nlp merge of one unit into `out` (its output storage), as `methods.pcb._merge_at`:
-    the base everywhere, and at the candidates (plus the -0.0 entries of the base, where the
-    sign of a zero sum shows) theta_0 + lam * sum_i scale_i T_c,i / max(sum_i scale_i, 1e-12).
-    exp and tanh run in torch (`tanh_`: pcb's tanh that skips the identity), on the candidates only."""
-    from mergeflow.methods.pcb import CLIP_HIGH, CLIP_LOW, SCORE_CUT, SCORE_MAX
-
+    the base everywhere, and at the flat `positions` (the candidates and the base's -0.0
+    entries) theta_0 + lam * sum_i scale_i T_c,i / max(sum_i scale_i, 1e-12). `bounds`: per task,
+    the clip's low and high and the scores' cut and max. exp and tanh run in torch (`tanh_`:
+    pcb's tanh that skips the identity), at the positions only."""
     stored = storage_array(raw)
-    n, m = stored.shape[0] - 1, stored.shape[1]
-    idx = np.arange(m, dtype=np.int64) if candidates is None else candidates.numpy().astype(np.int64, copy=False)
-    idx = _with_negative_zeros(stored[0], idx)
-    k = idx.size
-    lo, hi, cut, top = (stats[s].to(torch.float32).reshape(-1).numpy() for s in (CLIP_LOW, CLIP_HIGH, SCORE_CUT, SCORE_MAX))
-    clipped, inter, intra = (thread_scratch(f"pcb_merge_{s}", (n, k)) for s in ("clipped", "inter", "intra"))
-    total = thread_scratch("pcb_merge_total", (1, k))
-    large = _candidate_arguments(stored, idx, lo, hi, (hi - lo).astype(np.float32), np.float32(n),
-                                 np.float32(tanh_identity_below), clipped, inter, intra, total)
+    n = stored.shape[0] - 1
+    idx = positions.numpy().astype(np.int64, copy=False)
+    lo, hi, cut, top = (_row_values(b) for b in bounds)
+    clipped, inter, intra = (thread_scratch(f"pcb_merge_{s}", (n, idx.size)) for s in ("clipped", "inter", "intra"))
+    total = thread_scratch("pcb_merge_total", (1, idx.size))
+    large = _candidate_arguments(stored, idx, lo, hi, _span(lo, hi), np.float32(n), np.float32(tanh_identity_below),
+                                 clipped, inter, intra, total)
     scores = torch.from_numpy(intra).exp_()
     scores.mul_(tanh_(torch.from_numpy(inter)) if large else torch.from_numpy(inter))
-    _weighted_mean_into(stored[0], idx, intra, clipped, cut, top, (top - cut).astype(np.float32), np.float32(lam),
-                        storage_array(out))
+    _weighted_mean_into(stored[0], idx, intra, clipped, cut, top, _span(cut, top), np.float32(lam), storage_array(out))
 
 
-def _with_negative_zeros(base: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    bits = base if base.dtype == np.uint16 else base.view(np.uint32)
-    negative_zeros = np.flatnonzero(bits == (0x8000 if base.dtype == np.uint16 else 0x80000000))
-    return idx if not negative_zeros.size else np.union1d(idx, negative_zeros)
+def _row_values(values: torch.Tensor) -> np.ndarray:
+    """One float32 value per task, as a numpy array."""
+    return values.to(torch.float32).reshape(-1).numpy()
+
+
+def _span(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """high - low in float32: as torch's (high - low) column."""
+    return (high - low).astype(np.float32)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -119,13 +126,8 @@ def _candidate_arguments(raw, idx, lo, hi, width, n_tasks, identity_below, clipp
         row_large = np.int32(0)
         for q in range(tau.shape[0]):
             t = tau[q]
-            a = abs(t)
-            a = low if a < low else a
-            a = high if a > high else a
+            a, arg[q], x = _entry(t, s[q], low, high, span, n_tasks)
             kept[q] = np.float32((t > 0) - (t < 0)) * a  # torch.sign(tau) * A (sign(+-0) is +0)
-            normalized = (a - low) / span
-            arg[q] = normalized * normalized * n_tasks
-            x = t * s[q]
             tau[q] = x
             row_large += np.int32(abs(x) >= identity_below)
         large += row_large

@@ -23,9 +23,9 @@ Streaming notes (additions, backward compatible):
   costly work elsewhere, provided the result there is what the full formula gives.
 - `FusedLastPass`: a last pass whose sum-statistic changes only a few entries (TIES's majority
   sign) runs inside the engine's merge pass (`Provisional`), saving a read of every model.
-- `CpuKernel` and `StatPass.cpu_window`: fused CPU versions (mergeflow.kernels) of a method's
-  merge step and of a pass's k-th value window counts, taken straight from the stored bf16 or
-  float32 values. They must give bitwise what the torch functions give; the engine uses them
+- `CpuKernel`, `StatPass.cpu_window` and `StatPass.cpu_values`: fused CPU versions
+  (mergeflow.kernels) of a method's merge step, of a pass's k-th value window counts and of a
+  pass's values, taken straight from the stored bf16 or float32 values. They must give bitwise what the torch functions give; the engine uses them
   on the CPU where the inputs allow and the torch functions everywhere else.
 """
 
@@ -107,16 +107,18 @@ def nonzero_positions(flat: torch.Tensor) -> torch.Tensor:
     return flat.nonzero().squeeze(1)
 
 
-_NEGATIVE_ZERO_BITS = -(2**31)  # float32 -0.0 viewed as int32
+# -0.0 viewed as a signed integer of the float's width (its sign bit alone)
+_NEGATIVE_ZERO_BITS = {torch.float32: (torch.int32, -(2**31)), torch.bfloat16: (torch.int16, -(2**15))}
 
 
 def negative_zeros(values: torch.Tensor) -> torch.Tensor:
-    """Bool mask of the -0.0 entries of a float32 tensor (the only zeros where a zero added to
-    them keeps its sign in the sum: -0.0 + -0.0 is -0.0, -0.0 + +0.0 is +0.0)."""
-    bits = values.contiguous().view(torch.int32)
+    """Bool mask of the -0.0 entries of a float32 or bfloat16 tensor (the only zeros where a zero
+    added to them keeps its sign in the sum: -0.0 + -0.0 is -0.0, -0.0 + +0.0 is +0.0)."""
+    view, pattern = _NEGATIVE_ZERO_BITS[values.dtype]
+    bits = values.contiguous().view(view)
     if bits.device.type == "cpu":  # numpy: ~3x faster than torch's CPU compare to bool
-        return torch.from_numpy(bits.numpy() == _NEGATIVE_ZERO_BITS)
-    return bits == _NEGATIVE_ZERO_BITS
+        return torch.from_numpy(bits.numpy() == pattern)
+    return bits == pattern
 
 
 def abs_delta_window(raw: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
@@ -174,6 +176,19 @@ def tensor_stat(name: str, tensor: str) -> str:
 
 
 @dataclass(frozen=True)
+class CpuValues:
+    """A fused CPU version of a StatPass's `values` (see mergeflow.kernels).
+
+    `values(raw, params, stats)` gives bitwise what `values` gives, from the stacked stored
+    values raw (n + 1, m) (bf16 or float32, base first); the engine uses it on passes after the
+    inputs' NaN check. `applies(params)`: whether it serves these hyperparameters (checked
+    before the unit is read)."""
+
+    values: Callable[[torch.Tensor, Hyperparams, GlobalStats], dict[str, torch.Tensor]]
+    applies: Callable[[Hyperparams], bool] = lambda params: True
+
+
+@dataclass(frozen=True)
 class StatPass:
     """One pass over every float tensor of the model.
 
@@ -188,10 +203,8 @@ class StatPass:
     # computed from the stacked stored values raw (n + 1, m) (base first).
     cpu_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                          tuple[np.ndarray, list[torch.Tensor], int]] | None = None
-    # Optional: cpu_values(raw, params, stats) -> what `values` gives, computed from the stacked
-    # stored values raw (n + 1, m) (base first) by a fused kernel, or None where it cannot (the
-    # engine then runs `values`). Bitwise the same; used on passes after the inputs' NaN check.
-    cpu_values: Callable[[torch.Tensor, Hyperparams, GlobalStats], dict[str, torch.Tensor] | None] | None = None
+    # Optional: `values` by a fused kernel from the stored values (see CpuValues).
+    cpu_values: CpuValues | None = None
 
 
 @dataclass(frozen=True)

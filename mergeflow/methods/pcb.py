@@ -39,6 +39,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mergeflow.methods.base import (
     CpuKernel,
+    CpuValues,
     GlobalStats,
     Hyperparams,
     Reduce,
@@ -271,11 +272,14 @@ def _score_values(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> 
     return {"pcb_score": scores(_rows(group), params, stats)}
 
 
-def _score_values_from_stored(raw: torch.Tensor, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor] | None:
-    """`_score_values` with the steps before exp and tanh in a fused kernel (nlp variant only:
-    the vision variants' inter terms need the normalised vectors of every task)."""
-    if params.variant != "nlp":
-        return None
+def _is_nlp(params: PcbParams) -> bool:
+    """The fused kernels serve the nlp variant: the vision variants' inter terms need the
+    normalised vectors of every task."""
+    return params.variant == "nlp"
+
+
+def _score_values_from_stored(raw: torch.Tensor, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
+    """`_score_values` (nlp) with the steps before exp and tanh in a fused kernel."""
     from mergeflow.kernels.pcb import score_arguments
 
     _check_clip_range(stats)
@@ -303,7 +307,7 @@ def check_score_stats(stats: GlobalStats) -> None:
 
 
 PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=abs_delta_window),
-                   StatPass(_score_values, _score_reductions, cpu_values=_score_values_from_stored))
+                   StatPass(_score_values, _score_reductions, cpu_values=CpuValues(_score_values_from_stored, _is_nlp)))
 
 
 def _pcb_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: PcbParams,
@@ -313,7 +317,10 @@ def _pcb_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor,
     from mergeflow.kernels.pcb import merge_nlp
 
     check_score_stats(stats)
-    merge_nlp(raw, out, candidates, stats, params.lam, tanh_, TANH_IS_IDENTITY_BELOW)
+    base = raw[0]
+    positions = torch.arange(base.numel()) if candidates is None else _entries_to_compute(base, candidates)
+    bounds = tuple(stats[s] for s in (CLIP_LOW, CLIP_HIGH, SCORE_CUT, SCORE_MAX))
+    merge_nlp(raw, out, positions, bounds, params.lam, tanh_, TANH_IS_IDENTITY_BELOW)
     return 0, None
 
 
@@ -325,25 +332,25 @@ def _pcb_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor,
     stat_passes=PCB_STAT_PASSES,
     min_models=1,
     elementwise=True,
-    cpu_kernel=CpuKernel(_pcb_fused_cpu, applies=lambda params: params.variant == "nlp"),
+    cpu_kernel=CpuKernel(_pcb_fused_cpu, applies=_is_nlp),
 )
 def pcb(group: TensorGroup, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
     check_score_stats(stats)
     if group.candidates is not None:
-        return _merge_at(group, _entries_to_compute(group), params, stats)
+        return _merge_at(group, _entries_to_compute(group.base, group.candidates), params, stats)
     clipped, scale = clipped_and_scale(group, params, stats)
     return weighted_mean(group.base, clipped, scale, params.lam, params.variant)
 
 
-def _entries_to_compute(group: TensorGroup) -> torch.Tensor:
+def _entries_to_compute(base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """The candidates, plus the entries whose base is -0.0.
 
     Everywhere else every scale is +0.0, so the formula gives base + (+-0.0), which is the base
     itself, except at a -0.0 base, where the sign of the zero sum decides the sign of the result."""
-    hits = negative_zeros(group.base.reshape(-1))
+    hits = negative_zeros(base.reshape(-1))
     if not bool(hits.any()):
-        return group.candidates
-    return torch.unique(torch.cat([group.candidates, nonzero_positions(hits).to(group.candidates.device)]))
+        return candidates
+    return torch.unique(torch.cat([candidates, nonzero_positions(hits).to(candidates.device)]))
 
 
 def _merge_at(group: TensorGroup, idx: torch.Tensor, params: PcbParams, stats: GlobalStats) -> torch.Tensor:
