@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 Signature = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
@@ -90,6 +91,9 @@ def check_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[st
             )
 
 
+_EXPONENT_MASKS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
 class NonFiniteOutput(ValueError):
     """The merge produced NaN or inf from finite inputs (an overflow); nothing is written."""
 
@@ -107,8 +111,14 @@ def _all_finite(t: torch.Tensor) -> bool:
     """A sum first: NaN and inf always make it non-finite, and it costs a fifth of `isfinite`
     (torch's CPU kernels make bool results slowly). Only a non-finite sum, from bad values or
     from an overflow of large finite ones, needs the exact check (in float32 for float8, which
-    `isfinite` does not take)."""
+    `isfinite` does not take). bf16 and fp16 on the CPU test their exponent bits instead: their
+    float32 sum makes a float32 copy (+200 MiB peak RSS for TIES's bf16 outputs at 0.5B) and is
+    2.5x slower."""
     t = t.detach()
+    if t.dtype in _EXPONENT_MASKS and t.device.type == "cpu":
+        bits = t.contiguous().reshape(-1).view(torch.int16).numpy()
+        mask = _EXPONENT_MASKS[t.dtype]
+        return not np.any((bits & mask) == mask)  # NaN and inf have every exponent bit set
     if math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
         return True
     return bool(torch.isfinite(t if t.dtype.itemsize > 1 else t.to(torch.float32)).all())
