@@ -113,8 +113,13 @@ def _all_finite(t: torch.Tensor) -> bool:
     from an overflow of large finite ones, needs the exact check (in float32 for float8, which
     `isfinite` does not take). bf16 and fp16 on the CPU test their exponent bits instead: their
     float32 sum makes a float32 copy (+200 MiB peak RSS for TIES's bf16 outputs at 0.5B) and is
-    2.5x slower."""
+    2.5x slower. Where the fused CPU kernels for the dtype are loaded (the streaming engine's
+    merges), their count is used: one read of the values, 5x faster than the bit test."""
+    from mergeflow import kernels
+
     t = t.detach()
+    if t.device.type == "cpu" and kernels.ready(t.dtype, t.dtype):
+        return kernels.count_nonfinite(t) == 0
     if t.dtype in _EXPONENT_MASKS and t.device.type == "cpu":
         bits = t.contiguous().reshape(-1).view(torch.int16).numpy()
         mask = _EXPONENT_MASKS[t.dtype]

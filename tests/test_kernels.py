@@ -192,6 +192,19 @@ def test_window_kernel_counts_like_the_numpy_window():
     assert counts[2, 1] == 0 and kept[1].numel() == 0  # lo == hi: every window value counted at lo
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_finiteness_count_finds_every_nan_and_inf(dtype):
+    from mergeflow import kernels
+    from mergeflow.compatibility import _all_finite
+
+    t = torch.linspace(-1.5e38, 1.5e38, 999).to(dtype)  # large finite values near the dtype's edge
+    assert kernels.count_nonfinite(t) == 0 and _all_finite(t)
+    t[[0, 500, 998]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    assert kernels.count_nonfinite(t) == 3 and not _all_finite(t)
+    assert kernels.count_nonfinite(t[1::2]) == 0  # strided: only the values it holds count
+    assert kernels.count_nonfinite(torch.empty(0, dtype=dtype)) == 0
+
+
 def test_merge_falls_back_to_the_torch_code_when_the_kernels_cannot_load(tmp_path):
     # In a fresh process where numba cannot be imported: the merge still runs, says why it is
     # slower, and writes the same bytes.

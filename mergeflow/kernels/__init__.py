@@ -81,6 +81,15 @@ def storage_array(t: torch.Tensor) -> np.ndarray:
     raise TypeError(f"the fused kernels take bfloat16 or float32 values, not {t.dtype}")
 
 
+def count_nonfinite(t: torch.Tensor) -> int:
+    """How many values of the CPU tensor `t` (bfloat16 or float32) are NaN or infinite."""
+    from mergeflow.kernels.rows import count_nonfinite as count_rows
+
+    flat = storage_array(t.contiguous().reshape(-1))
+    step = 1 << 30  # count_rows keeps an int32 count per row
+    return sum(int(count_rows(flat[i:i + step].reshape(1, -1))) for i in range(0, flat.size, step))
+
+
 _scratch = threading.local()
 
 
