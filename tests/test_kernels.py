@@ -93,6 +93,25 @@ def test_fused_kernels_write_the_torch_bytes(tmp_path, dtype, method, hp):
         assert torch.equal(got[k].signbit(), expected[k].signbit()), k  # -0.0 and +0.0 too
 
 
+TILED_CASES = [(m, hp) for m, hp in CASES if m != "pcb"]
+
+
+@pytest.mark.parametrize("method, hp", TILED_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(TILED_CASES)])
+def test_kernels_write_the_same_bytes_a_few_columns_at_a_time(tmp_path, monkeypatch, method, hp):
+    """The kernels work a tile of columns at a time (kernels.rows.TILE); with 7-column tiles,
+    every unit spans several, and TIES's open entries come from several tiles of a unit."""
+    from mergeflow.kernels import rows
+
+    monkeypatch.setattr(rows, "TILE", 7)
+    base, fts = _grid_models(3, torch.bfloat16, seed=9)
+    dirs = _write_all(tmp_path, base, fts)
+    merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "o", hp, progress=False, chunk_elems=100,
+                      input_hashes=["h"] * 4)
+    got, expected = load_state_dict(tmp_path / "o"), mergeflow.merge(method, base, fts, **hp)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]) and torch.equal(got[k].signbit(), expected[k].signbit()), k
+
+
 @pytest.mark.parametrize("n", [1, 2, 5])
 @pytest.mark.parametrize("agg", ["mean", "sum", "max"])
 def test_fused_ties_for_any_number_of_models(tmp_path, n, agg):

@@ -14,7 +14,7 @@ import torch
 from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
-from mergeflow.kernels.rows import count_nonfinite, drop_rows, scale_rows, sum_rows
+from mergeflow.kernels.rows import count_nonfinite, drop_rows, scale_rows, sum_rows, tile_columns
 from mergeflow.kernels.storage import load, store
 
 
@@ -26,26 +26,30 @@ def merge(raw: torch.Tensor, out: torch.Tensor, draws: np.ndarray, threshold: in
     per_task = isinstance(lam, list)
     lams = np.asarray(lam if per_task else [1.0] * n, dtype=np.float32)
     keep_scale = np.float32(0.0 if p == 0.0 else 1.0 - p)
-    scratch = thread_scratch("dare_scratch", (n + 1, m))
+    scratch = thread_scratch("dare_scratch", (n + 1, tile_columns(m)))
     return int(_loops(storage_array(raw), draws, np.uint32(threshold), keep_scale, lams, per_task,
                       np.float32(0.0 if per_task else lam), storage_array(out), scratch))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _loops(raw, draws, threshold, keep_scale, lams, per_task, lam, out, scratch):
-    n = raw.shape[0] - 1
-    drop_rows(raw, draws, threshold, keep_scale, scratch)
-    if per_task:
-        scale_rows(scratch, n, lams)
-    total = scratch[n]
-    sum_rows(scratch, n, total)
-    base = raw[0]
-    if per_task:
-        for j in range(total.shape[0]):
-            merged = load(base[j]) + total[j]
-            store(out, j, merged)
-    else:
-        for j in range(total.shape[0]):
-            merged = load(base[j]) + lam * total[j]
-            store(out, j, merged)
+    """A tile of columns at a time (see rows.TILE); returns count_nonfinite(raw)."""
+    n, m, tile = raw.shape[0] - 1, raw.shape[1], scratch.shape[1]
+    for j0 in range(0, m, tile):
+        j1 = min(m, j0 + tile)
+        w = j1 - j0
+        drop_rows(raw, j0, j1, draws, threshold, keep_scale, scratch)
+        if per_task:
+            scale_rows(scratch, n, w, lams)
+        total = scratch[n, :w]
+        sum_rows(scratch, n, w, total)
+        base, tile_out = raw[0, j0:j1], out[j0:j1]
+        if per_task:
+            for j in range(w):
+                merged = load(base[j]) + total[j]
+                store(tile_out, j, merged)
+        else:
+            for j in range(w):
+                merged = load(base[j]) + lam * total[j]
+                store(tile_out, j, merged)
     return count_nonfinite(raw)

@@ -60,7 +60,7 @@ def _arguments(raw, lo, hi, width, n_tasks, identity_below, inter, intra, total)
         row, tau = raw[i + 1], inter[i]
         for j in range(row.shape[0]):
             tau[j] = load(row[j]) - load(base[j])
-    sum_rows(inter, n, total[0])
+    sum_rows(inter, n, inter.shape[1], total[0])
     s = total[0]
     large = np.int64(0)
     for i in range(n):
@@ -117,7 +117,7 @@ def _candidate_arguments(raw, idx, lo, hi, width, n_tasks, identity_below, clipp
         for q in range(idx.shape[0]):
             j = idx[q]
             tau[q] = load(row[j]) - load(base[j])
-    sum_rows(inter, n, total[0])
+    sum_rows(inter, n, inter.shape[1], total[0])
     s = total[0]
     large = np.int64(0)
     for i in range(n):

@@ -83,7 +83,9 @@ def is_negative_zero(value):
 
 @overload(is_negative_zero, inline="always")
 def _is_negative_zero(value):
-    def negative_zero(value):
-        x = load(value)
-        return (x == np.float32(0.0)) & (np.copysign(np.float32(1.0), x) < np.float32(0.0))
-    return negative_zero
+    # a bit test, not a comparison and a copysign: it vectorises
+    if value == types.uint16:
+        return lambda value: value == np.uint16(0x8000)
+    if value == types.float32:
+        return lambda value: _f32_bits(value) == np.uint32(0x80000000)
+    return None
