@@ -106,6 +106,54 @@ def test_step_gradient_equals_backprop_of_the_summed_loss(fuse):
     assert torch.allclose(ours, raw.grad, rtol=1e-5, atol=1e-7)
 
 
+class _WithUnusedParameters(nn.Module):
+    """An encoder with parameters its forward never reads, like the text-side tensors of the
+    official CLIP ImageEncoder (`token_embedding`, a 0-dim `logit_scale`)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.token_embedding = nn.Parameter(torch.ones(2, 3))
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+@pytest.mark.parametrize("mode", ["task_wise", "layer_wise"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_parameters_the_forward_never_reads_get_no_gradient(mode, fuse):
+    from mergeflow.adamerging.tune import _step
+
+    encoder, _, _, encoder_tvs, heads, images = _setup()
+    model = _WithUnusedParameters(encoder)
+    # large task vectors on the unused tensors: adding one to a gradient would show at once
+    tvs = {t: {**{f"encoder.{k}": v for k, v in encoder_tvs[t].items()},
+               "token_embedding": torch.full((2, 3), 5.0 + i), "logit_scale": torch.tensor(5.0 + i)}
+           for i, t in enumerate(TASKS)}
+    names = [n for n, _ in model.named_parameters()]
+    merge = DifferentiableMerge(dict(model.named_parameters()), [tvs[t] for t in TASKS])
+    raw = nn.Parameter(torch.full((1 if mode == "task_wise" else len(names), 3), 0.3))
+    config = AdaMergingConfig(mode=mode, batch_size=4, fuse_batches=fuse)
+    _step(model, merge, raw, heads, images, config, torch.Generator().manual_seed(1), torch.device("cpu"),
+          lambda x: x)
+    ours = raw.grad.clone()
+
+    raw.grad = None  # the official summed loss, by plain autograd
+    merged = merge.merged(clamp_coefficients(raw))
+    g = torch.Generator().manual_seed(1)
+    total = 0
+    for t in TASKS:
+        perm = torch.randperm(len(images[t]), generator=g)
+        for idx in (perm[:4], perm[4:8]):
+            total = total + mean_entropy(heads[t](functional_call(model, merged, (images[t][idx],))))
+    total.backward()
+    torch.testing.assert_close(ours, raw.grad, rtol=1e-5, atol=1e-6)
+    if mode == "layer_wise":
+        for name in ("token_embedding", "logit_scale"):
+            assert torch.equal(ours[names.index(name)], torch.zeros(3)), name
+
+
 def test_coefficients_outside_the_interval_stay_put():
     encoder, _, _, tvs, heads, images = _setup()
     result = tune_coefficients(encoder, tvs, heads, images, AdaMergingConfig(mode="task_wise", prior=1.5, steps=3),

@@ -147,7 +147,12 @@ def _step(encoder, merge, raw, heads, unlabelled, config, generator, device, fea
             loss = mean_entropy(heads[task](features(out)))
             loss.backward()
             losses[task] = losses.get(task, 0.0) + loss.detach()
-    torch.autograd.backward(list(merged.values()), [leaves[n].grad for n in merged])
+    # Parameters the forward pass never reads (a CLIP image encoder's text-side tensors, say) get
+    # no gradient: as in the official code, their coefficients get none from them. Seeding
+    # their backward with None would fail, or, for a 0-dim tensor, add its tau to the gradient.
+    used = [n for n in merged if leaves[n].grad is not None]
+    if used:
+        torch.autograd.backward([merged[n] for n in used], [leaves[n].grad for n in used])
     return {t: float(v) for t, v in losses.items()}
 
 
