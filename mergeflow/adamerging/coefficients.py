@@ -71,6 +71,10 @@ class Coefficients:
             )
         return index[tensor_name]
 
+    def covers(self, tensor_name: str) -> bool:
+        """Whether tuning merged tensor `tensor_name` (others stay at the base)."""
+        return tensor_name in self._index()
+
     def row(self, tensor_name: str) -> torch.Tensor:
         """Coefficients (n_tasks,) float32 for one tensor."""
         return self.values[self.row_index(tensor_name)]

@@ -132,6 +132,11 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     if not any(math.prod(base.checkpoint.info(k).shape) for k in float_names):
         raise MergeConfigError(f"{base_dir}: no float tensor with any entries to merge "
                                f"({len(names)} tensors in all); is this the right checkpoint?")
+    if m.check_inputs is not None:
+        try:
+            m.check_inputs(params, n, sorted(float_names))
+        except ValueError as err:
+            raise MergeConfigError(str(err)) from None
     elementwise = m.is_elementwise(params)
     units = [u for k in names for u in _units(base, k, k in float_names and elementwise, chunk_elems)]
     plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise,

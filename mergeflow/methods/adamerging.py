@@ -10,6 +10,7 @@ trim to the file's kept fraction, sign elected by mass), with the same functions
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -56,21 +57,50 @@ def _load(path: str, mtime_ns: int, size: int) -> Coefficients:
     return Coefficients.load(path)
 
 
+def _file_config(params: AdaMergingParams) -> dict:
+    """The tuning settings recorded in the coefficients file. The file decides how it is applied
+    (mode, AdaMerging++ and its k): a setting given here that differs from it is an error, not
+    silently ignored (a stale file, or the wrong one)."""
+    config = load_coefficients(params.coefficients).metadata.get("config", {})
+    given = params.model_dump(mode="json", include=params.model_fields_set & set(AdaMergingConfig.model_fields))
+    differ = {name: (value, config[name]) for name, value in sorted(given.items())
+              if name in config and value != config[name]}
+    if differ:
+        detail = ", ".join(f"{name}={ours!r} (the file: {theirs!r})" for name, (ours, theirs) in differ.items())
+        raise ValueError(f"adamerging: {params.coefficients} was tuned with other settings: {detail}; "
+                         "drop those settings (the file's apply) or give the file tuned with them")
+    return config
+
+
 def _ties_params(params: AdaMergingParams) -> TiesParams | None:
     """For an AdaMerging++ file, the TIES settings of its selection; None otherwise."""
     # Imported here: ties_filter imports mergeflow.methods, which imports this module.
     from mergeflow.adamerging.ties_filter import ties_selection_params
 
-    config = load_coefficients(params.coefficients).metadata.get("config", {})
+    config = _file_config(params)
     return ties_selection_params(float(config["ties_k"])) if config.get("ties_filter") else None
 
 
+def _tuned(params: AdaMergingParams, name: str) -> bool:
+    """Whether the file holds coefficients for tensor `name`. Tuning merged only those (the
+    encoder's parameters); every other tensor stays at the base, as `apply_coefficients` does."""
+    return load_coefficients(params.coefficients).covers(name)
+
+
+def _without_entries(group: TensorGroup) -> TensorGroup:
+    """The group with no entries: a tensor that was not tuned takes no part in the statistics."""
+    return TensorGroup(group.name, group.base.reshape(-1)[:0], group.models.reshape(group.n, -1)[:, :0])
+
+
 def _delegate(ties_pass: StatPass) -> StatPass:
-    """TIES' own stat pass, run only for AdaMerging++ files (plain files need no statistics)."""
+    """TIES' own stat pass, run only for AdaMerging++ files (plain files need no statistics),
+    over the tuned tensors only, as tuning's selection was."""
 
     def values(group: TensorGroup, params: AdaMergingParams, stats: GlobalStats) -> dict:
         tp = _ties_params(params)
-        return {} if tp is None else ties_pass.values(group, tp, stats)
+        if tp is None:
+            return {}
+        return ties_pass.values(group if _tuned(params, group.name) else _without_entries(group), tp, stats)
 
     def reductions(params: AdaMergingParams) -> dict:
         tp = _ties_params(params)
@@ -79,20 +109,34 @@ def _delegate(ties_pass: StatPass) -> StatPass:
     return StatPass(values, reductions)
 
 
+def _check_inputs(params: AdaMergingParams, n: int, float_names: Sequence[str]) -> None:
+    """Before any read: the file loads, its settings agree with the ones given, it has one
+    coefficient column per fine-tuned model, and every tensor it was tuned on is here."""
+    coefs = load_coefficients(params.coefficients)
+    _file_config(params)
+    if n != coefs.n_tasks:
+        raise ValueError(f"{params.coefficients} holds coefficients for {coefs.n_tasks} tasks "
+                         f"{list(coefs.task_names)}, but {n} fine-tuned models were given")
+    present = set(float_names)
+    missing = [name for name in coefs.tensor_names if name not in present]
+    if missing:
+        raise ValueError(f"{params.coefficients} was tuned on {len(coefs.tensor_names)} tensors, {len(missing)} of "
+                         f"which this checkpoint lacks (e.g. {missing[:3]}); merge the same model whose "
+                         "parameters were tuned (names must match)")
+
+
 @register(
     "adamerging",
     hyperparams=AdaMergingParams,
     paper="Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024",
     summary="base + learned (task- or layer-wise) coefficients times task vectors (file from AdaMerging tuning)",
     stat_passes=(_delegate(TRIM_PASS), _delegate(MAJORITY_PASS)),
+    check_inputs=_check_inputs,
 )
 def adamerging(group: TensorGroup, params: AdaMergingParams, stats: GlobalStats) -> torch.Tensor:
     coefs = load_coefficients(params.coefficients)
-    if group.n != coefs.n_tasks:
-        raise ValueError(
-            f"{params.coefficients} holds coefficients for {coefs.n_tasks} tasks {list(coefs.task_names)}, "
-            f"but {group.n} fine-tuned models were given"
-        )
+    if not _tuned(params, group.name):
+        return group.base.clone()
     deltas = group.deltas
     if _ties_params(params) is not None:
         from mergeflow.adamerging.ties_filter import selected_entries

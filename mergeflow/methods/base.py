@@ -271,6 +271,9 @@ class MergeMethod:
     # Merges task vectors theta_i - theta_0: the base listed as a fine-tune adds nothing (refused).
     # False for methods that combine the models themselves (average, slerp).
     task_vectors: bool = True
+    # Method-specific checks of the inputs, run before any tensor is read: check_inputs(params,
+    # number of fine-tuned models, the float tensor names); raises ValueError naming the problem.
+    check_inputs: Callable[[Hyperparams, int, Sequence[str]], None] | None = None
 
     def is_elementwise(self, params: Hyperparams) -> bool:
         """Whether the engine may split tensors into row chunks for these hyperparameters."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mergeflow.methods.base import CpuKernel, FusedLastPass, Hyperparams, MergeMethod, StatPass
 
@@ -22,6 +22,7 @@ def register(
     fused_last_pass: FusedLastPass | None = None,
     cpu_kernel: CpuKernel | None = None,
     task_vectors: bool = True,
+    check_inputs: Callable[[Hyperparams, int, Sequence[str]], None] | None = None,
 ) -> Callable:
     """Decorator: register `fn(group, params, stats) -> Tensor` as merge method `name`."""
 
@@ -41,6 +42,7 @@ def register(
             fused_last_pass=fused_last_pass,
             cpu_kernel=cpu_kernel,
             task_vectors=task_vectors,
+            check_inputs=check_inputs,
         )
         return fn
 
