@@ -10,13 +10,16 @@ from mergeflow.compatibility import check_compatible, is_mergeable, signature_of
 
 
 def task_vector(base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Difference of float tensors, in the base's dtype; integer/bool buffers are left out."""
+    """Difference of float tensors, in float32 (float64 stays float64); integer/bool buffers are
+    left out. float32, not the base's dtype: the difference of two bf16 or fp16 values can need
+    more bits than they have, and the methods (AdaMerging's tuning too) use the exact one."""
     check_compatible(signature_of(base), [signature_of(finetuned)])
-    return {
-        k: (finetuned[k].to(torch.float32) - base[k].to(torch.float32)).to(base[k].dtype)
-        for k in sorted(base)
-        if is_mergeable(base[k].dtype)
-    }
+    out = {}
+    for k in sorted(base):
+        if is_mergeable(base[k].dtype):
+            dtype = torch.float64 if base[k].dtype == torch.float64 else torch.float32
+            out[k] = finetuned[k].to(dtype) - base[k].to(dtype)
+    return out
 
 
 def apply_task_vector(base: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tensor],

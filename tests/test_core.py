@@ -120,6 +120,14 @@ def test_task_vector_round_trip_skips_integer_buffers():
     assert torch.equal(back["position_ids"], base["position_ids"])
 
 
+def test_task_vectors_of_bf16_models_are_exact():
+    base = {"w": torch.tensor([1.0, -0.5], dtype=torch.bfloat16)}
+    ft = {"w": torch.tensor([258.0, 3.0], dtype=torch.bfloat16)}
+    tau = task_vector(base, ft)
+    assert tau["w"].dtype == torch.float32
+    assert tau["w"].tolist() == [257.0, 3.5]  # 257 has no bf16 (it would round to 256)
+
+
 def test_task_arithmetic_and_average_by_hand():
     base = {"w": torch.tensor([1.0, 2.0]), "ids": torch.tensor([7, 8])}
     fts = [{"w": torch.tensor([2.0, 2.0]), "ids": torch.tensor([0, 0])},
