@@ -149,11 +149,72 @@ def test_zip_by_hand():
     # a0+a1 (0.95) spends model a's budget; the merged row min(a0, a1) * 0.5 = [b0 0.05, b1 0.1]
     # still beats b0-b1 (0.0), so b1 joins them and b0 stays alone
     assert assign.tolist() == [0, 0, 1, 0]
-    assign, _ = zip_match(s2, 2, a=0.5, b=0.0)  # no budget: no same-model merges
-    assert assign.tolist() == [0, 1, 1, 0]
+    # b = 0 leaves no budget, but the official code checks it only after a same-model merge:
+    # a0+a1 still merges once (then model a's merges stop), as with b = 1
+    assign, _ = zip_match(s2, 2, a=0.5, b=0.0)
+    assert assign.tolist() == [0, 0, 1, 0]
     merge, unmerge = merge_unmerge(torch.tensor([0, 1, 1, 0]), 2)
     assert merge.tolist() == [[0.5, 0, 0, 0.5], [0, 0.5, 0.5, 0]]
     assert unmerge.T.tolist() == [[1, 0, 0, 1], [0, 1, 1, 0]]
+
+
+def _mlp_pair():
+    """Two 2-2-2-2 MLPs by hand: A, and B with the second layer's rows swapped."""
+    from mergeflow.mudsc.models import MLP
+
+    net = MLP(width=2, depth=3, in_features=2)
+    a = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    a["layers.1.weight"], a["layers.1.bias"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([5.0, 6.0])
+    a["layers.3.weight"] = torch.tensor([[7.0, 8.0], [9.0, 10.0]])
+    b = {k: v.clone() for k, v in a.items()}
+    b["layers.3.weight"] = torch.tensor([[8.0, 7.0], [10.0, 9.0]])
+    return net, a, b
+
+
+def test_weight_vectors_take_neighbours_at_full_scale_by_hand():
+    """Unit i of the first hidden layer: [W1[i], b1[i], W2[:, i] in the merged basis of layer 2]. As
+    the official get_weight_vectors, a neighbour's produced axis takes the unmerge block (not the
+    1/M average), so with identity matching W2's columns enter as they are."""
+    from mergeflow.mudsc.apply import unit_vectors
+    from mergeflow.mudsc.refine import identity_assignment
+
+    net, a, b = _mlp_pair()
+    graph = build_graph(net, torch.zeros(2, 1, 1, 2))
+    mats = [merge_unmerge(identity_assignment(p.size, 2), 2) for p in graph.points]
+    vectors = unit_vectors([a, b], graph, mats, 0)
+    assert vectors.tolist() == [[1, 2, 5, 7, 9], [3, 4, 6, 8, 10], [1, 2, 5, 8, 10], [3, 4, 6, 7, 9]]
+
+
+def test_refinement_goes_on_from_the_best_matching(monkeypatch):
+    """An iteration that does not beat the best is undone, as in the official iter_transform: the
+    next one starts from the best matching, not from the worse one."""
+    from mergeflow.mudsc import refine
+
+    net, a, b = _mlp_pair()
+    graph = build_graph(net, torch.zeros(2, 1, 1, 2))
+    n_points = len(graph.points)
+    calls, seen = [], []
+    identity, swapped = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1, 0])
+
+    def scripted_match(sim, num_models, group_size, matcher, a_, b_):
+        iteration = len(calls) // n_points
+        calls.append(iteration)
+        return (identity, 0.5) if iteration == 0 else (swapped, 0.4)  # iteration 1 is worse
+
+    real_unit_vectors = refine.unit_vectors
+
+    def recording_unit_vectors(state_dicts, graph_, mats, p):
+        seen.append((len(calls) // n_points, [u.clone() for _, u in mats]))
+        return real_unit_vectors(state_dicts, graph_, mats, p)
+
+    monkeypatch.setattr(refine, "match", scripted_match)
+    monkeypatch.setattr(refine, "unit_vectors", recording_unit_vectors)
+    result = refine.solve([a, b], graph, None, alpha=1.0, matcher="permute", a=0.5, b=1.0, max_iter=3)
+    assert result.history == pytest.approx([0.5, 0.4, 0.4]) and result.objective == 0.5
+    first_of_iteration_2 = next(unmerges for iteration, unmerges in seen if iteration == 2)
+    best = merge_unmerge(identity, 2)[1]
+    assert all(torch.equal(u, best) for u in first_of_iteration_2)  # not the swapped matching
+    assert all(torch.equal(ab[1], best) for ab in result.matrices)
 
 
 def test_permute_and_group_match_by_hand():

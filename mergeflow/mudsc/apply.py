@@ -27,6 +27,18 @@ def block(mats: Matrices, p: int, k: int, entry: TensorAxis) -> torch.Tensor:
     return unmerge[k * o:(k + 1) * o].T if entry.consumes else merge[:, k * o:(k + 1) * o]
 
 
+def vector_block(mats: Matrices, p: int, k: int, entry: TensorAxis) -> torch.Tensor:
+    """The (merged x own) matrix that maps model k's units of a neighbouring point p when unit
+    vectors are built: the official code (get_weight_vectors) takes there the other matrix than
+    the merge step does, M times the merge block on a consumed axis and the unmerge block on a
+    produced one, so for permutations every piece of a vector keeps its scale (Git Re-Basin's
+    sum over layers); `block`'s 1/M average on produced axes would halve them (M = 2)."""
+    merge, unmerge = mats[p]
+    o = merge.shape[0]
+    m = unmerge.shape[0] // o
+    return m * merge[:, k * o:(k + 1) * o] if entry.consumes else unmerge[k * o:(k + 1) * o].T
+
+
 def _along(t: torch.Tensor, entry: TensorAxis, matrix: torch.Tensor) -> torch.Tensor:
     if entry.start == 0 and entry.stop == t.shape[entry.axis]:
         moved = t.movedim(entry.axis, 0)
@@ -39,12 +51,13 @@ def _along(t: torch.Tensor, entry: TensorAxis, matrix: torch.Tensor) -> torch.Te
 
 
 def transform(t: torch.Tensor, entries: Sequence[tuple[int, TensorAxis]], mats: Matrices, k: int,
-              skip: int | None = None) -> torch.Tensor:
-    """Model k's tensor with every entry mapped (except those of point `skip`), float64."""
+              skip: int | None = None, matrix=block) -> torch.Tensor:
+    """Model k's tensor with every entry mapped by `matrix` (`block` or `vector_block`), except
+    those of point `skip`, in float64."""
     t = t.double()
     for p, entry in entries:
         if p != skip:
-            t = _along(t, entry, block(mats, p, k, entry))
+            t = _along(t, entry, matrix(mats, p, k, entry))
     return t
 
 
@@ -74,7 +87,8 @@ def unmerge_head(weight: torch.Tensor, graph: MergeGraph, mats: Matrices, k: int
 def unit_vectors(state_dicts: Sequence[Mapping[str, torch.Tensor]], graph: MergeGraph,
                  mats: Matrices, p: int) -> torch.Tensor:
     """(M*O, L): each unit's slices of every tensor touching point p, in the merged basis of all
-    neighbouring points (their current matrices applied, p's own left as is)."""
+    neighbouring points (their current matrices applied as `vector_block` says, p's own left as
+    is)."""
     point = graph.points[p]
     rows = []
     for k, sd in enumerate(state_dicts):
@@ -84,7 +98,8 @@ def unit_vectors(state_dicts: Sequence[Mapping[str, torch.Tensor]], graph: Merge
             if entry.tensor.endswith(_RUNNING_STATS):
                 continue  # statistics of the data, not weights
             if entry.tensor not in cache:
-                cache[entry.tensor] = transform(sd[entry.tensor], graph.tensor_entries[entry.tensor], mats, k, skip=p)
+                cache[entry.tensor] = transform(sd[entry.tensor], graph.tensor_entries[entry.tensor], mats, k, skip=p,
+                                                matrix=vector_block)
             t = cache[entry.tensor].narrow(entry.axis, entry.start, entry.stop - entry.start)
             pieces.append(t.movedim(entry.axis, 0).reshape(point.size, -1))
         rows.append(torch.cat(pieces, dim=1))

@@ -25,7 +25,8 @@ def zip_match(sim: torch.Tensor, num_models: int, a: float = 0.5, b: float = 1.0
     Repeatedly merge the globally most similar pair (u < v): v's members join u; u's similarity
     to the rest becomes min(S[u], S[v]) (complete linkage) times `a`, so a merged unit is less
     likely to merge again (a <= 0: it may no longer match units of the models it contains).
-    Merges inside one model are allowed, at most floor((to_remove / M) * b) per model.
+    Merges inside one model are allowed, at most floor((to_remove / M) * b) per model (and at
+    least one, as the official code checks the budget only after such a merge).
     """
     n = sim.shape[0]
     o = n // num_models
@@ -36,10 +37,8 @@ def zip_match(sim: torch.Tensor, num_models: int, a: float = 0.5, b: float = 1.0
     alive = torch.ones(n, dtype=torch.bool)
     budget = torch.full((num_models,), int((n - o) // num_models * b + 1e-4))
     contains = torch.nn.functional.one_hot(origin, num_models).bool()  # models inside each cluster
-    for k in range(num_models):
-        if budget[k] <= 0:  # no budget (e.g. b = 0): no merges inside model k at all
-            own = origin == k
-            s[own[:, None] & own[None, :]] = NEG_INF
+    # As the official ZipIt! and MuDSC code, a model's budget is checked after each merge inside
+    # it, never before the first: one such merge happens even when the budget rounds to 0.
     values = []
     for _ in range(n - o):
         flat = int(torch.argmax(s))

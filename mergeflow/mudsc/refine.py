@@ -5,13 +5,14 @@
 2. Each iteration visits the points in a seeded random order; for point p it recomputes S_weight
    given the current matrices of all other points, matches S = alpha S_w + (1 - alpha) S_act,
    and records the mean similarity of the chosen merges. The best iteration (mean over points)
-   is kept; the loop stops after `patience` iterations without improvement or `max_iter`.
+   is kept, and an iteration that does not beat it is undone (the next starts from the best),
+   as in the official code; the loop stops after `patience` iterations without improvement or
+   `max_iter`.
 With alpha = 0 (ZipIt!) the weights never enter, so step 1 is the answer.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ def solve(state_dicts: Sequence[Mapping[str, torch.Tensor]], graph: MergeGraph,
         values = [match(s_act[p], m, pt.group_size, matcher, a, b)[1] for p, pt in enumerate(points)]
         return MatchingResult(mats, assigns, sum(values) / len(values), [])
 
-    rng = random.Random(seed)
+    order_generator = torch.Generator().manual_seed(seed)  # the official visiting order for a seed
     best, best_assigns, best_obj, history, stale = list(mats), list(assigns), float("-inf"), [], 0
     iterations = range(max_iter)
     if progress:
@@ -68,18 +69,17 @@ def solve(state_dicts: Sequence[Mapping[str, torch.Tensor]], graph: MergeGraph,
 
         iterations = tqdm(iterations, desc="refine", leave=False)
     for _ in iterations:
-        order = list(range(len(points)))
-        rng.shuffle(order)
         values = {}
-        for p in order:
+        for p in torch.randperm(len(points), generator=order_generator).tolist():
             assigns[p], values[p] = solve_point(p, mats)
             mats[p] = merge_unmerge(assigns[p], m)
         objective = sum(values.values()) / len(values)
         history.append(objective)
-        if objective > best_obj + 1e-12:
+        if objective > best_obj:
             best, best_assigns, best_obj, stale = list(mats), list(assigns), objective, 0
         else:
             stale += 1
             if stale >= patience:
                 break
+            mats, assigns = list(best), list(best_assigns)  # as the official code: go on from the best
     return MatchingResult(best, best_assigns, best_obj, history)
