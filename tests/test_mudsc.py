@@ -236,6 +236,22 @@ def test_permute_and_group_match_by_hand():
     assert all(int(assign[4 + u]) // 2 == int(assign[4 + (u ^ 1)]) // 2 for u in range(4))
 
 
+def test_each_point_is_read_where_the_official_code_reads_it(images):
+    """One place per point: the last layer that reads it (a residual stream: the last block's
+    shortcut), the output space at the avg-pool's input (spatial features), a ViT's stream at the
+    heads' input (the backbone output), attention's q/k space at k only (the official ViT spec)."""
+    def read_at(family: str) -> dict[str, list[tuple]]:
+        graph = build_graph(build_backbone(family, 8 if family == "resnet_bn" else 16), images)
+        return {p.name: [(c.module, c.where, c.slices) for c in p.captures] for p in graph.points}
+
+    resnet = read_at("resnet_bn")
+    assert resnet["stem.0"] == [("layer2.0.shortcut.0", "input", ((0, 8),))]
+    assert resnet["layer2.0.conv2"] == [("pool", "input", ((0, 16),))]
+    vit = read_at("vit")
+    assert vit["patch_embed"] == [("", "output", ((0, 16),))]
+    assert vit["blocks.0.attn.qk"] == [("blocks.0.attn.qkv", "output", ((16, 32),))]
+
+
 def test_activation_moments_stream_exactly(images):
     backbone = build_backbone("cnn_gn", 8).eval()
     graph = build_graph(backbone, images)
@@ -243,8 +259,14 @@ def test_activation_moments_stream_exactly(images):
     streamed = collect_moments([backbone, backbone], graph, images, batch_size=7)
     for f, s in zip(full, streamed, strict=True):
         assert f.count == s.count and torch.allclose(f.outer, s.outer) and torch.allclose(f.sum, s.sum)
-    with torch.no_grad():  # output point: the backbone's features; correlation = torch.corrcoef
-        feats = backbone(images).double()
+    # output point: read at the avg-pool's input, as the official code (every position a sample);
+    # correlation = torch.corrcoef
+    seen = []
+    handle = backbone.pool.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        backbone(images)
+    handle.remove()
+    feats = seen[0].movedim(1, -1).reshape(-1, seen[0].shape[1]).double()
     corr = activation_correlation(full[graph.output_point])
     expected = torch.corrcoef(torch.cat([feats, feats], 1).T)
     assert torch.allclose(corr, expected, atol=1e-6)

@@ -6,8 +6,12 @@ A *merge point* is a feature space shared by several tensors: axis 0 of a tensor
 elementwise ops keep it; an addition or concatenation unites the spaces of its operands, so a
 residual stream becomes ONE merge point for the whole network (skip additions force its units
 to agree everywhere). GroupNorm and fused-qkv attention add unit groups (GN groups, heads) that
-matching must not cross. Each point also lists where its activations are read (`Capture`):
-the inputs of the layers that consume it, and the backbone output.
+matching must not cross. Each point also says where its activations are read (`Capture`), in
+one place, as the official MuDSC code does ("the last input module of each node"): the input
+of the last layer, in forward order, that reads it; for the backbone's output space, the input
+of the pooling module that makes it (ResNet's avgpool: the spatial features) or else the
+backbone output (the heads' input); for attention's q/k space, the k part of the qkv output
+(the official ViT spec reads `k_norm` for both its q and k entries).
 
 Anything the walker does not know is an error naming the module or operation: a silent
 mismatch would produce a broken merged model.
@@ -44,8 +48,8 @@ class TensorAxis:
 class Capture:
     """Read a point's units from `module`'s input or output (module "" = the backbone).
 
-    `slices` are ranges of the feature axis that each hold the point's units (q and k of a fused
-    qkv output); each range adds its rows as extra samples.
+    `slices` are ranges of the feature axis that each hold the point's units (k of a fused qkv
+    output); each range adds its rows as extra samples.
     """
 
     module: str
@@ -84,7 +88,8 @@ class _Space:
         self.size, self.name = size, name
         self.group_size = size
         self.entries: list[TensorAxis] = []
-        self.captures: list[Capture] = []
+        self.captures: list[Capture] = []  # every place it is read, in forward order
+        self.pooled_at: Capture | None = None  # the input of the last pooling module it went through
         self.is_output = False
 
     def root(self) -> _Space:
@@ -107,6 +112,7 @@ class _Space:
         a.group_size = min(a.group_size, b.group_size)
         a.entries += b.entries
         a.captures += b.captures
+        a.pooled_at = a.pooled_at or b.pooled_at
         a.is_output |= b.is_output
         return a
 
@@ -235,6 +241,8 @@ class _Walker:
             return self.tensor_val(node, self.new_space(out_size, name, entries), feat_axis)
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
             return self.visit_norm(node, m, name, x)
+        if isinstance(m, _POOL_MODULES) and x.space is not None:
+            x.space.root().pooled_at = Capture(name, "input", 1, ((0, x.space.root().size),))
         if isinstance(m, _ELEMENTWISE_MODULES + _POOL_MODULES):
             return x
         if isinstance(m, nn.Flatten):
@@ -282,7 +290,7 @@ class _Walker:
         qk = self.new_space(d, f"{name}.qk", qk_entries)
         v = self.new_space(d, f"{name}.v", v_entries)
         qk.group_size = v.group_size = d // m.heads
-        qk.captures.append(Capture(f"{name}.qkv", "output", -1, ((0, d), (d, 2 * d))))
+        qk.captures.append(Capture(f"{name}.qkv", "output", -1, ((d, 2 * d),)))  # k, as the official spec
         v.captures.append(Capture(f"{name}.proj", "input", -1, ((0, d),)))
         entries = self.entries(f"{name}.proj", "weight", 0, d) + self.entries(f"{name}.proj", "bias", 0, d)
         return self.tensor_val(node, self.new_space(d, f"{name}.proj", entries), -1)
@@ -401,7 +409,7 @@ class _Walker:
             if r.size % r.group_size:
                 raise UnsupportedModelError(f"feature space of '{r.name}': {r.size} units do not split into groups of {r.group_size}")
             entries = list(dict.fromkeys(r.entries))
-            points.append(MergePoint(r.name, r.size, r.group_size, entries, list(dict.fromkeys(r.captures)), r.is_output))
+            points.append(MergePoint(r.name, r.size, r.group_size, entries, [_read_at(r)], r.is_output))
         graph = MergeGraph(points)
         for i, p in enumerate(points):
             for e in p.entries:
@@ -409,3 +417,11 @@ class _Walker:
         if sum(p.is_output for p in points) != 1:
             raise UnsupportedModelError("the backbone output must be one merged feature space")
         return graph
+
+
+def _read_at(space: _Space) -> Capture:
+    """Where a point's activations are read (see the module docstring): the official code's one
+    place, the last reader in forward order, or for the output space its pooling's input."""
+    if space.is_output and space.pooled_at is not None:
+        return space.pooled_at
+    return space.captures[-1]
