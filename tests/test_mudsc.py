@@ -154,7 +154,8 @@ def test_zip_by_hand():
     assign, _ = zip_match(s2, 2, a=0.5, b=0.0)
     assert assign.tolist() == [0, 0, 1, 0]
     merge, unmerge = merge_unmerge(torch.tensor([0, 1, 1, 0]), 2)
-    assert merge.tolist() == [[0.5, 0, 0, 0.5], [0, 0.5, 0.5, 0]]
+    half = 1 / (2 + 1e-5)  # the official merge matrix: P / (P.sum(0) + 1e-5)
+    assert merge.tolist() == [[half, 0, 0, half], [0, half, half, 0]]
     assert unmerge.T.tolist() == [[1, 0, 0, 1], [0, 1, 1, 0]]
 
 

@@ -17,6 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 NEG_INF = float("-inf")
+MERGE_EPS = 1e-5  # the official merge matrix: P / (P.sum(0) + 1e-5)
 
 
 def zip_match(sim: torch.Tensor, num_models: int, a: float = 0.5, b: float = 1.0) -> tuple[torch.Tensor, float]:
@@ -133,10 +134,12 @@ def match(sim: torch.Tensor, num_models: int, group_size: int, matcher: str, a: 
 
 
 def merge_unmerge(assign: torch.Tensor, num_models: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unmerge U (M*O, O): binary membership; merge Mx (O, M*O): U^T averaged over members."""
+    """Unmerge U (M*O, O): binary membership; merge Mx (O, M*O): U^T averaged over members,
+    divided by (members + 1e-5) as the official code does (a merged weight is 1e-5/members
+    smaller than the plain mean; kept so results match it)."""
     n = assign.shape[0]
     o = n // num_models
     unmerge = torch.zeros(n, o, dtype=torch.float64)
     unmerge[torch.arange(n), assign] = 1.0
-    merge = unmerge.T / unmerge.sum(0).clamp_min(1.0)[:, None]
+    merge = unmerge.T / (unmerge.sum(0) + MERGE_EPS)[:, None]
     return merge, unmerge
