@@ -218,6 +218,17 @@ def test_refinement_goes_on_from_the_best_matching(monkeypatch):
     assert all(torch.equal(ab[1], best) for ab in result.matrices)
 
 
+def test_weight_correlation_is_the_official_pearson_with_its_floor():
+    from mergeflow.mudsc.similarity import weight_correlation
+
+    v = torch.tensor([[1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0], [1e-9, -1e-9, 1e-9, -1e-9]], dtype=torch.float64)
+    c = weight_correlation(v)
+    assert c[0, 1].item() == pytest.approx(1.0)
+    # row 2 is nearly constant: cov(2, 0) = -0.5e-9 over sigma_2 sigma_0 = 1.118e-9, floored at 1e-7
+    # as the official _correlation does (plain Pearson would say -0.447)
+    assert c[2, 0].item() == pytest.approx(-0.5e-9 / 1e-7)
+
+
 def test_permute_and_group_match_by_hand():
     s = torch.eye(8)
     order = torch.tensor([3, 2, 1, 0])  # b's unit j is a's unit order[j]: crosses 2-unit groups

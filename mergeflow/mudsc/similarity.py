@@ -12,18 +12,21 @@ from mergeflow.mudsc.activations import Moments
 
 def activation_correlation(m: Moments) -> torch.Tensor:
     """C = (E[ff^T] - mu mu^T) / max(sigma sigma^T, 1e-7), float64, (M*O, M*O)."""
-    mean = m.mean
-    cov = m.second_moment - torch.outer(mean, mean)
-    std = torch.diagonal(cov).clamp_min(0).sqrt()
-    return cov / torch.outer(std, std).clamp_min(1e-7)
+    return _correlation(m.mean, m.second_moment)
 
 
 def weight_correlation(unit_vectors: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation between rows (one row per unit of every model), float64."""
+    """The same Pearson correlation between rows (one row per unit of every model, its entries
+    the samples), as the official code's _correlation: a near-constant row's correlations are
+    damped by the 1e-7 floor, not blown up to +-1."""
     v = unit_vectors.double()
-    v = v - v.mean(dim=1, keepdim=True)
-    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return v @ v.T
+    return _correlation(v.mean(dim=1), v @ v.T / v.shape[1])
+
+
+def _correlation(mean: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    cov = second_moment - torch.outer(mean, mean)
+    std = torch.diagonal(cov).clamp_min(0).sqrt()
+    return cov / torch.outer(std, std).clamp_min(1e-7)
 
 
 def mix(s_weight: torch.Tensor | None, s_act: torch.Tensor | None, alpha: float) -> torch.Tensor:
