@@ -13,7 +13,7 @@ from mergeflow.mudsc.activations import Moments
 from mergeflow.mudsc.evaluation import evaluate
 from mergeflow.mudsc.merge import MergeResult, merge_models
 
-ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+ALPHAS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # the official scripts' grid, in their order
 
 
 def sweep_alpha(models: Sequence[nn.Module], images: torch.Tensor, train: Split, *, matcher: str = "zip",
