@@ -229,6 +229,28 @@ def test_weight_correlation_is_the_official_pearson_with_its_floor():
     assert c[2, 0].item() == pytest.approx(-0.5e-9 / 1e-7)
 
 
+def test_group_zip_shares_the_model_budget_across_groups():
+    """The official group zip runs one zip over the point, a group tuple at a time, with one model
+    budget for all tuples. Units a0..a3 (model a, groups {a0,a1} {a2,a3}), b0..b3 likewise;
+    a0~a1 and a2~a3 (0.9) are the best pairs of their tuples. b = 0.5 gives model a one merge
+    inside itself: a0+a1 spends it, so a2 and a3 must join b's units instead."""
+    from mergeflow.mudsc.matching import group_zip_match
+
+    s = torch.zeros(8, 8)
+    def pair(i, j, v):
+        s[i, j] = s[j, i] = v
+    pair(0, 1, 0.9)
+    pair(2, 3, 0.9)
+    for i, j, v in [(0, 4, 0.5), (1, 5, 0.5), (0, 5, 0.3), (1, 4, 0.3), (2, 6, 0.5), (3, 7, 0.4), (2, 7, 0.3),
+                    (3, 6, 0.3)]:
+        pair(i, j, v)  # cross-model similarity only inside the group pairs {a0a1|b0b1}, {a2a3|b2b3}
+    assign, _ = group_zip_match(s, 2, 2, a=0.5, b=0.5)
+    assert assign[0] == assign[1]  # the budget's one merge inside model a
+    assert assign[2] != assign[3] and assign[2] == assign[6] and assign[3] == assign[7]
+    assert assign[:2].div(2, rounding_mode="floor").tolist() == [0, 0]  # never across groups
+    assert set(assign[[2, 3, 6, 7]].div(2, rounding_mode="floor").tolist()) == {1}
+
+
 def test_permute_and_group_match_by_hand():
     s = torch.eye(8)
     order = torch.tensor([3, 2, 1, 0])  # b's unit j is a's unit order[j]: crosses 2-unit groups

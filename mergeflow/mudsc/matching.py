@@ -6,8 +6,9 @@ mean similarity of the merges it chose, the objective of the refinement loop.
 
 - `zip_match`: ZipIt!'s greedy zip (merge discount `a`, same-model budget `b`).
 - `permute_match`: Hungarian alignment of every model to model 0 (Git Re-Basin style).
-- `group_match`: heads / GN groups first paired by Hungarian on mean matched similarity, then
-  units matched only inside paired groups.
+- `group_match` / `group_zip_match`: heads / GN groups first paired by Hungarian on mean matched
+  similarity, then units matched only inside paired groups (the zip over all group tuples in
+  turn, with shared budgets, as the official group zip).
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def zip_match(sim: torch.Tensor, num_models: int, a: float = 0.5, b: float = 1.0
     Merges inside one model are allowed, at most floor((to_remove / M) * b) per model (and at
     least one, as the official code checks the budget only after such a merge).
     """
+    clusters, value = _zip(sim, num_models, a, b, [torch.arange(sim.shape[0])])
+    return _cluster_index(clusters), value
+
+
+def _zip(sim: torch.Tensor, num_models: int, a: float, b: float, tuples: list[torch.Tensor],
+         group_of: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """The zip over `tuples` of units in turn, each down to 1 / num_models of its units, on one
+    shared similarity matrix and model budget (the official group zip; one tuple: plain zip).
+    `group_of` (per unit; None: no groups) adds the official per-group budget: floor(to_remove /
+    number of groups) merges inside one group. Returns each unit's cluster representative and
+    the mean similarity of the merges."""
     n = sim.shape[0]
     o = n // num_models
     s = sim.clone().double()
@@ -37,38 +49,52 @@ def zip_match(sim: torch.Tensor, num_models: int, a: float = 0.5, b: float = 1.0
     members = torch.arange(n)  # representative unit of each unit's cluster
     alive = torch.ones(n, dtype=torch.bool)
     budget = torch.full((num_models,), int((n - o) // num_models * b + 1e-4))
+    # As the official ZipIt! and MuDSC code, a budget is checked after each merge it counts,
+    # never before the first: one such merge happens even when the budget rounds to 0.
+    group_budget = None if group_of is None else torch.full((int(group_of.max()) + 1,),
+                                                            int((n - o) // (int(group_of.max()) + 1) + 1e-4))
     contains = torch.nn.functional.one_hot(origin, num_models).bool()  # models inside each cluster
-    # As the official ZipIt! and MuDSC code, a model's budget is checked after each merge inside
-    # it, never before the first: one such merge happens even when the budget rounds to 0.
     values = []
-    for _ in range(n - o):
-        flat = int(torch.argmax(s))
-        u, v = sorted(divmod(flat, n))
-        values.append(float(s[u, v]))
-        same_model = bool(origin[u] == origin[v])
-        members[members == v] = u
-        contains[u] |= contains[v]
-        alive[v] = False
-        s[:, u] = torch.minimum(s[:, u], s[:, v])
-        s[u, :] = torch.minimum(s[u, :], s[v, :])
-        s[v, :] = NEG_INF
-        s[:, v] = NEG_INF
-        if same_model:
-            budget[origin[u]] -= 1
-            if budget[origin[u]] <= 0:
-                own = alive & (origin == origin[u])
-                s[own[:, None] & own[None, :]] = NEG_INF
-        if a <= 0:
-            forbidden = alive & contains[:, contains[u]].any(dim=1)
-            s[u, forbidden] = NEG_INF
-            s[forbidden, u] = NEG_INF
-        else:
-            s[u, :] *= a
-            s[:, u] *= a
-    reps = torch.nonzero(alive).flatten()  # surviving clusters, in unit order
-    index_of = torch.full((n,), -1, dtype=torch.long)
-    index_of[reps] = torch.arange(len(reps))
-    return index_of[members], float(np.mean(values)) if values else 0.0
+    for units in tuples:
+        outside = torch.ones(n, dtype=torch.bool)
+        outside[units] = False
+        for _ in range(len(units) - len(units) // num_models):
+            flat = int(torch.argmax(s.masked_fill(outside[:, None] | outside[None, :], NEG_INF)))
+            u, v = sorted(divmod(flat, n))
+            values.append(float(s[u, v]))
+            members[members == v] = u
+            contains[u] |= contains[v]
+            alive[v] = False
+            s[:, u] = torch.minimum(s[:, u], s[:, v])
+            s[u, :] = torch.minimum(s[u, :], s[v, :])
+            s[v, :] = NEG_INF
+            s[:, v] = NEG_INF
+            _spend(s, alive, origin, u, v, budget)
+            if group_of is not None:
+                _spend(s, alive, group_of, u, v, group_budget)
+            if a <= 0:
+                forbidden = alive & contains[:, contains[u]].any(dim=1)
+                s[u, forbidden] = NEG_INF
+                s[forbidden, u] = NEG_INF
+            else:
+                s[u, :] *= a
+                s[:, u] *= a
+    return members, float(np.mean(values)) if values else 0.0
+
+
+def _spend(s: torch.Tensor, alive: torch.Tensor, owner: torch.Tensor, u: int, v: int, budget: torch.Tensor) -> None:
+    """A merge of u and v of the same owner (model, or group) spends one of its budget; at 0, no
+    more merges inside that owner."""
+    if owner[u] == owner[v]:
+        budget[owner[u]] -= 1
+        if budget[owner[u]] <= 0:
+            own = alive & (owner == owner[u])
+            s[own[:, None] & own[None, :]] = NEG_INF
+
+
+def _cluster_index(members: torch.Tensor) -> torch.Tensor:
+    """Each unit's merged index: clusters numbered in the order of their representatives."""
+    return torch.unique(members, return_inverse=True)[1]
 
 
 def permute_match(sim: torch.Tensor, num_models: int) -> tuple[torch.Tensor, float]:
@@ -91,8 +117,36 @@ def group_match(sim: torch.Tensor, num_models: int, group_size: int, inner) -> t
 
     Group score (g of model 0, h of model k) = mean similarity of the Hungarian matching inside
     the pair; Hungarian on the scores pairs the groups. `inner(sub_sim, num_models)` then matches
-    the units of each group tuple (its zip budget is per group).
+    the units of each group tuple on its own (the permute matcher; the zip has `group_zip_match`).
     """
+    tuples = _group_tuples(sim, num_models, group_size)
+    assign = torch.empty(sim.shape[0], dtype=torch.long)
+    values = []
+    for g, idx in enumerate(tuples):
+        sub_assign, value = inner(sim[idx][:, idx], num_models)
+        assign[idx] = g * group_size + sub_assign
+        values.append(value)
+    return assign, float(np.mean(values))
+
+
+def group_zip_match(sim: torch.Tensor, num_models: int, group_size: int, a: float = 0.5,
+                    b: float = 1.0) -> tuple[torch.Tensor, float]:
+    """The official group zip (default_group_fusion_weight): groups paired as in `group_match`,
+    then one zip over the whole point, a group tuple at a time, with the model budget shared by
+    all tuples (floor(to_remove / M * b) per model) and floor(to_remove / groups) merges inside
+    any one group."""
+    n = sim.shape[0]
+    tuples = _group_tuples(sim, num_models, group_size)
+    members, value = _zip(sim, num_models, a, b, tuples, group_of=torch.arange(n) // group_size)
+    assign = torch.empty(n, dtype=torch.long)
+    for g, idx in enumerate(tuples):
+        assign[idx] = g * group_size + _cluster_index(members[idx])
+    return assign, value
+
+
+def _group_tuples(sim: torch.Tensor, num_models: int, group_size: int) -> list[torch.Tensor]:
+    """The unit indices of each group of model 0 with the groups of the other models paired to
+    it (Hungarian on the mean similarity of each pair's own Hungarian matching)."""
     n = sim.shape[0]
     o = n // num_models
     groups = o // group_size
@@ -107,14 +161,8 @@ def group_match(sim: torch.Tensor, num_models: int, group_size: int, inner) -> t
                 score[g, h] = block[r, c].mean()
         _, cols = linear_sum_assignment(score, maximize=True)
         partner.append(torch.from_numpy(cols))
-    assign = torch.empty(n, dtype=torch.long)
-    values = []
-    for g in range(groups):
-        idx = torch.cat([k * o + int(partner[k][g]) * group_size + unit for k in range(num_models)])
-        sub_assign, value = inner(sim[idx][:, idx], num_models)
-        assign[idx] = g * group_size + sub_assign
-        values.append(value)
-    return assign, float(np.mean(values))
+    return [torch.cat([k * o + int(partner[k][g]) * group_size + unit for k in range(num_models)])
+            for g in range(groups)]
 
 
 def match(sim: torch.Tensor, num_models: int, group_size: int, matcher: str, a: float = 0.5,
@@ -129,6 +177,8 @@ def match(sim: torch.Tensor, num_models: int, group_size: int, matcher: str, a: 
         raise ValueError(f"unknown matcher {matcher!r}; use 'zip' or 'permute'")
     o = sim.shape[0] // num_models
     if group_size < o:
+        if matcher == "zip":
+            return group_zip_match(sim, num_models, group_size, a, b)
         return group_match(sim, num_models, group_size, inner)
     return inner(sim, num_models)
 
