@@ -58,8 +58,9 @@ def _zip(sim: torch.Tensor, num_models: int, a: float, b: float, tuples: list[to
     for units in tuples:
         outside = torch.ones(n, dtype=torch.bool)
         outside[units] = False
+        outside_pairs = outside[:, None] | outside[None, :] if len(units) < n else None
         for _ in range(len(units) - len(units) // num_models):
-            flat = int(torch.argmax(s.masked_fill(outside[:, None] | outside[None, :], NEG_INF)))
+            flat = int(torch.argmax(s if outside_pairs is None else s.masked_fill(outside_pairs, NEG_INF)))
             u, v = sorted(divmod(flat, n))
             values.append(float(s[u, v]))
             members[members == v] = u
