@@ -107,8 +107,9 @@ def merge_checkpoints(
     and the estimate run, and the plan is returned. `kth_cap` (values kept per task by the
     exact quantile selection) and `kth_sample` (values sampled to place its window) trade
     memory for passes; results never depend on them. `trust_remote_code` accepts inputs whose
-    config.json needs remote code (auto_map): the merge runs none, but the merged model would. `cpu_kernels=False` runs every step with
-    the methods' torch code instead of their fused CPU kernels (same output bytes, slower).
+    config.json needs remote code (auto_map): the merge runs none, but the merged model would.
+    `cpu_kernels=False` runs every step with the methods' torch code instead of their fused CPU
+    kernels (same output bytes, slower).
     """
     t0 = time.perf_counter()
     _check_call(model_dirs, input_hashes, out_dtype)

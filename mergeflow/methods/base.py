@@ -25,8 +25,11 @@ Streaming notes (additions, backward compatible):
   sign) runs inside the engine's merge pass (`Provisional`), saving a read of every model.
 - `CpuKernel`, `StatPass.cpu_window` and `StatPass.cpu_values`: fused CPU versions
   (mergeflow.kernels) of a method's merge step, of a pass's k-th value window counts and of a
-  pass's values, taken straight from the stored bf16 or float32 values. They must give bitwise what the torch functions give; the engine uses them
-  on the CPU where the inputs allow and the torch functions everywhere else.
+  pass's values, taken straight from the stored bf16 or float32 values. They must give bitwise
+  what the torch functions give; the engine uses them on the CPU where the inputs allow and the
+  torch functions everywhere else.
+- `MergeMethod.check_inputs`: method-specific checks of the hyperparameters against the inputs
+  (model count, float tensor names), run by both paths before any tensor is read.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ For each task vector tau_i (float tensors only, computed in float32):
    mergekit refuses). mergekit keeps exactly int(k * numel) entries by a descending argsort,
    whose order among equal magnitudes torch does not define (its CPU sort is not stable there),
    so no rule can reproduce which tied entries it keeps; keeping them all is deterministic and
-   is the global rule's choice (bf16 task vectors tie often: ~1 % more entries kept at k 0.2). Its thresholds are per-tensor statistics (Reduce scope "tensor"), so the
-   streaming engine splits large tensors into row chunks for both scopes.
+   is the global rule's choice (bf16 task vectors tie often: ~1 % more entries kept at k 0.2).
+   Its thresholds are per-tensor statistics (Reduce scope "tensor"), so the streaming engine
+   splits large tensors into row chunks for both scopes.
 2. Elect. gamma_j = sign(sum_i trimmed_ij) ("mass"); entries where gamma_j = 0 take the majority
    sign sign(sum_j gamma_j) over the whole model (all float tensors).
 3. Disjoint aggregation over the entries that agree with gamma_j and are non-zero:
