@@ -93,7 +93,12 @@ def test_step_gradient_equals_backprop_of_the_summed_loss(fuse):
     _step(encoder, merge, raw, heads, images, config, torch.Generator().manual_seed(1), torch.device("cpu"),
           lambda x: x)
     ours = raw.grad.clone()
+    assert torch.allclose(ours, _summed_loss_gradient(encoder, merge, raw, heads, images), rtol=1e-5, atol=1e-7)
 
+
+def _summed_loss_gradient(model, merge, raw, heads, images):
+    """d loss / d raw of the official summed loss (2 batches of 4 a task, the shuffles `_step`
+    draws from a generator seeded 1), by plain autograd."""
     raw.grad = None
     merged = merge.merged(clamp_coefficients(raw))
     g = torch.Generator().manual_seed(1)
@@ -101,9 +106,9 @@ def test_step_gradient_equals_backprop_of_the_summed_loss(fuse):
     for t in TASKS:
         perm = torch.randperm(len(images[t]), generator=g)
         for idx in (perm[:4], perm[4:8]):
-            total = total + mean_entropy(heads[t](functional_call(encoder, merged, (images[t][idx],))))
+            total = total + mean_entropy(heads[t](functional_call(model, merged, (images[t][idx],))))
     total.backward()
-    assert torch.allclose(ours, raw.grad, rtol=1e-5, atol=1e-7)
+    return raw.grad
 
 
 class _WithUnusedParameters(nn.Module):
@@ -138,17 +143,7 @@ def test_parameters_the_forward_never_reads_get_no_gradient(mode, fuse):
     _step(model, merge, raw, heads, images, config, torch.Generator().manual_seed(1), torch.device("cpu"),
           lambda x: x)
     ours = raw.grad.clone()
-
-    raw.grad = None  # the official summed loss, by plain autograd
-    merged = merge.merged(clamp_coefficients(raw))
-    g = torch.Generator().manual_seed(1)
-    total = 0
-    for t in TASKS:
-        perm = torch.randperm(len(images[t]), generator=g)
-        for idx in (perm[:4], perm[4:8]):
-            total = total + mean_entropy(heads[t](functional_call(model, merged, (images[t][idx],))))
-    total.backward()
-    torch.testing.assert_close(ours, raw.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, _summed_loss_gradient(model, merge, raw, heads, images), rtol=1e-5, atol=1e-6)
     if mode == "layer_wise":
         for name in ("token_embedding", "logit_scale"):
             assert torch.equal(ours[names.index(name)], torch.zeros(3)), name
