@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# BatchNorm1d too: the official reset_bn_stats takes BatchNorm2d only, as its models (CNNs) have
+# no other; a merged BatchNorm1d's statistics are just as stale.
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
