@@ -129,12 +129,7 @@ def get_pcb_params(hparams: dict[str, Any]) -> dict[str, Any]:
 def _search(common: dict[str, Any], n: int, budget: int, lower: float, upper: float, init: float,
             workers: int, seed: int, on_batch) -> list[dict[str, Any]]:
     """Ask `workers` candidates at a time, evaluate them in parallel, tell the optimiser."""
-    import nevergrad as ng
-    import numpy as np
-
-    parametrization = ng.p.Array(init=[init] * n, lower=lower, upper=upper)
-    parametrization.random_state = np.random.RandomState(seed)  # same seed, same candidates
-    optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget, num_workers=workers)
+    optimizer = make_optimizer(n, budget, lower, upper, init, workers, seed)
     points: list[dict[str, Any]] = []
     while len(points) < budget:
         asked = [optimizer.ask() for _ in range(min(workers, budget - len(points)))]
@@ -149,6 +144,17 @@ def _search(common: dict[str, Any], n: int, budget: int, lower: float, upper: fl
         points.extend(new)
         on_batch(new, points)
     return points
+
+
+def make_optimizer(n: int, budget: int, lower: float, upper: float, init: float, workers: int, seed: int):
+    """nevergrad's NGOpt over n coefficients in [lower, upper], starting at init, as the official
+    pcb_ES.py builds it; seeded, so the same settings ask the same candidates."""
+    import nevergrad as ng
+    import numpy as np
+
+    parametrization = ng.p.Array(init=[init] * n, lower=lower, upper=upper)
+    parametrization.random_state = np.random.RandomState(seed)
+    return ng.optimizers.NGOpt(parametrization=parametrization, budget=budget, num_workers=workers)
 
 
 def _check_settings(budget: int, lower: float, upper: float, init: float, workers: int) -> None:
