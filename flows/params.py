@@ -100,6 +100,16 @@ class MethodChoice(BaseModel):
     method: str
     search: SearchSettings | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_lam_is_left_to_the_search(cls, data: Any) -> Any:
+        """`lam: null` next to a `search:` block means "the search chooses it", so a params.yaml
+        with a lam switches to a search from the command line (-S merge.lam=null -S
+        merge.search.budget=6)."""
+        if isinstance(data, dict) and data.get("search") is not None and "lam" in data and data["lam"] is None:
+            data = {k: v for k, v in data.items() if k != "lam"}
+        return data
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, name: str) -> str:
@@ -130,7 +140,8 @@ class MethodChoice(BaseModel):
             raise ValueError(f"[search] {self.method!r} has no per-task lam to search; methods with "
                              f"a search: {', '.join(SEARCHABLE)} (or remove `search`)")
         if "lam" in (self.model_extra or {}):
-            raise ValueError("[lam] is set together with `search`, which chooses it; remove one of them")
+            raise ValueError("[lam] is set together with `search`, which chooses it; remove one of them "
+                             "(or set it to null)")
         try:
             candidate_hparams(self.method, self.hparams(), [self.search.init])
         except ValueError as e:

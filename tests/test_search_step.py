@@ -153,3 +153,15 @@ def test_a_bad_search_in_compare_stops_the_run_before_any_work(tmp_path, capsys)
     assert run(Namespace(params=str(tmp_path / "params.yaml"), set=[])) == 2
     assert "compare[0].search.budget" in capsys.readouterr().err
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["params.yaml"]  # nothing built
+
+
+def test_a_null_lam_leaves_it_to_the_search(tmp_path):
+    """params.yaml sets a lam; `-S merge.lam=null` next to a search block hands it to the search."""
+    from flows.params import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"merge": {"method": "task_arithmetic", "lam": 0.3}}))
+    params = load_params(path, ["merge.lam=null", "merge.search.budget=6"])
+    assert params.merge.search.budget == 6 and "lam" not in params.merge.hparams()
+    with pytest.raises(ParamsError, match="merge.lam"):
+        load_params(path, ["merge.search.budget=6"])  # a lam and a search: still refused
