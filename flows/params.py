@@ -239,6 +239,24 @@ class Params(_Section):
     # Not a field of the file: the folder relative paths are resolved against.
     project: str = Field("", exclude=True)
 
+    @model_validator(mode="after")
+    def _methods_take_the_zoo_experts(self) -> Params:
+        """Every merge takes all the zoo's experts: a method for another number of models (slerp
+        takes 2) is refused here, not after the zoo is built."""
+        from mergeflow.methods import get_method
+        from mergeflow.zoo import ZooSpec
+
+        tasks = ZooSpec(**self.zoo.spec).tasks
+        n = len(tasks)
+        for where, choice in [("merge", self.merge), *((f"compare[{i}]", c) for i, c in enumerate(self.compare))]:
+            m = get_method(choice.method)
+            if n < m.min_models or (m.max_models is not None and n > m.max_models):
+                want = m.min_models if m.max_models == m.min_models else f"{m.min_models} to {m.max_models or 'any'}"
+                raise ValueError(f"[{where}.method] {choice.method!r} merges {want} fine-tuned model(s), but every "
+                                 f"merge takes the zoo's {n} experts ({', '.join(tasks)}); choose another method, "
+                                 "or set zoo.spec.tasks")
+        return self
+
     def path(self, p: str) -> Path:
         """`p` resolved against the project folder."""
         path = Path(os.path.expanduser(p))
@@ -326,8 +344,8 @@ def _format_errors(e: ValidationError, source: str) -> str:
     for err in e.errors():
         loc = _dotted(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        if m := re.match(r"\[([\w.]+)\] ", msg):  # a field named inside a section's check
-            loc, msg = f"{loc}.{m.group(1)}", msg[m.end():]
+        if m := re.match(r"\[([\w.\[\]]+)\] ", msg):  # a field named inside a section's check
+            loc, msg = (m.group(1) if not err["loc"] else f"{loc}.{m.group(1)}"), msg[m.end():]
         fix = _FIXES.get(err["type"], "")
         lines.append(f"  {loc}: {msg}" + (f" ({fix})" if fix else ""))
     return "\n".join(lines)

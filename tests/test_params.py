@@ -123,3 +123,15 @@ def test_sweep_grid_is_expanded_and_validated():
     assert "sweep.grid" in msg and "lam" in msg
     msg = _error({"sweep": {"grid": {"task_arithmetic": {"lam": []}}}})
     assert "empty list" in msg
+
+
+def test_a_method_for_another_number_of_models_is_refused_before_any_work():
+    from flows.params import ParamsError, validate_params
+
+    with pytest.raises(ParamsError, match=r"merge\.method: 'slerp' merges 2 fine-tuned model\(s\).*4 experts"):
+        validate_params({"merge": {"method": "slerp"}})
+    with pytest.raises(ParamsError, match=r"compare\[1\]\.method: 'slerp'"):
+        validate_params({"compare": [{"method": "average"}, {"method": "slerp"}]})
+    two = validate_params({"zoo": {"spec": {"tasks": ["mnist", "fashion_mnist"]}}, "merge": {"method": "slerp"},
+                           "compare": [{"method": "average"}]})
+    assert two.merge.method == "slerp"
