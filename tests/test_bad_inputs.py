@@ -185,6 +185,9 @@ def test_an_unwritable_output_location_fails_before_work(tmp_path: Path) -> None
     blocker.write_text("x")
     with pytest.raises(ValueError, match="not a writable directory"):
         merge_checkpoints("ties", base, models, blocker / "merged", {}, progress=False, input_hashes=["-"] * 3)
+    if Path("/proc").is_dir():  # root may write anywhere by os.access, but not in /proc
+        with pytest.raises(ValueError, match="cannot create the output under /proc"):
+            merge_checkpoints("ties", base, models, "/proc/merged", {}, progress=False, input_hashes=["-"] * 3)
 
 
 def test_replacing_an_earlier_output_never_deletes_files_mergeflow_did_not_write(tmp_path: Path) -> None:

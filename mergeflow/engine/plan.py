@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,9 +259,19 @@ def _check_output(out: Path, inputs: list[str | Path]) -> None:
                                    "which mergeflow did not write and replacing it would delete; move them "
                                    "or choose another --out")
     parent = _existing_ancestor(out)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not _can_create_in(parent):
         raise MergeConfigError(f"cannot create the output under {parent}: not a writable directory; "
                                "choose another --out")
+
+
+def _can_create_in(parent: Path) -> bool:
+    """Whether a directory can be made in `parent` (the writer makes its temp directory there),
+    tried for real: os.access says yes to root on read-only or virtual file systems (/proc)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mergeflow-probe-", dir=parent))
+    except OSError:
+        return False
+    return True
 
 
 def _files_written(out: Path) -> set[str]:
