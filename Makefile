@@ -23,6 +23,9 @@ help:
 	@echo "make test-integration   real Prefect/MLflow servers, Dask, DVC remote (CI step 2)"
 	@echo "make ui     open the MLflow UI on the project's tracking store"
 	@echo "make bench  run the benchmarks in bench/"
+	@echo "make test-fast   the tests without the slow and integration ones"
+	@echo "make lint   ruff"
+	@echo "make clean  remove run state (.prefect, .artifacts, .zoo, outputs, MLflow store)"
 
 setup: $(STAMP) data
 

@@ -14,9 +14,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from prefect import flow
+from flows.cli import setup_environment
 
-from tasks import mudsc as steps
+# Prefect reads its settings when imported: quiet, offline, PREFECT_HOME in the project, as
+# `mergeflow run` sets them (only where the user has not).
+setup_environment(".")
+from prefect import flow  # noqa: E402
+
+from tasks import mudsc as steps  # noqa: E402
 
 DEFAULT_METHODS: list[tuple[str, dict[str, Any]]] = [
     ("naive_average", {}),
@@ -50,14 +55,23 @@ def mudsc_pipeline(store: str, family: str, dataset: str, methods: list[tuple[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="MuDSC pipeline on one different-init pair")
-    parser.add_argument("--family", default="mlp")
-    parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--store", default=".artifacts")
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--tracking-uri", default=None)
+    from flows.params import validate_params
+    from mergeflow.mudsc.models import BACKBONES
+
+    parser = argparse.ArgumentParser(description="MuDSC pipeline on one pair of models trained from "
+                                                 "different initialisations: naive average, weight matching, "
+                                                 "ZipIt!, MuDSC (zip and permute), recorded in MLflow")
+    parser.add_argument("--family", default="mlp", choices=sorted(BACKBONES), help="model family (default mlp)")
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"],
+                        help="the dataset the pair is trained on (default mnist)")
+    parser.add_argument("--store", default=".artifacts", help="artifact store of the cached steps")
+    parser.add_argument("--images", type=int, default=2000, help="unlabelled training images for activations")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: the project's, sqlite:///<cwd>/mlflow.db, as "
+                             "`mergeflow run`; env MLFLOW_TRACKING_URI overrides)")
     args = parser.parse_args(argv)
-    mudsc_pipeline(args.store, args.family, args.dataset, images=args.images, tracking_uri=args.tracking_uri)
+    tracking_uri = args.tracking_uri or validate_params({}).tracking_uri()
+    mudsc_pipeline(args.store, args.family, args.dataset, images=args.images, tracking_uri=tracking_uri)
     return 0
 
 
