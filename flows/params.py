@@ -250,9 +250,8 @@ class Params(_Section):
         n = len(tasks)
         for where, choice in [("merge", self.merge), *((f"compare[{i}]", c) for i, c in enumerate(self.compare))]:
             m = get_method(choice.method)
-            if n < m.min_models or (m.max_models is not None and n > m.max_models):
-                want = m.min_models if m.max_models == m.min_models else f"{m.min_models} to {m.max_models or 'any'}"
-                raise ValueError(f"[{where}.method] {choice.method!r} merges {want} fine-tuned model(s), but every "
+            if not m.takes(n):
+                raise ValueError(f"[{where}.method] {choice.method!r} merges {m.models_wanted} fine-tuned model(s), but every "
                                  f"merge takes the zoo's {n} experts ({', '.join(tasks)}); choose another method, "
                                  "or set zoo.spec.tasks")
         return self

@@ -98,7 +98,5 @@ def _check_state_dicts(base: object, finetuned: object) -> None:
 
 
 def _check_model_count(m: MergeMethod, n: int) -> None:
-    if n < m.min_models or (m.max_models is not None and n > m.max_models):
-        want = f"{m.min_models}" if m.max_models == m.min_models else (
-            f"at least {m.min_models}" if m.max_models is None else f"{m.min_models} to {m.max_models}")
-        raise ValueError(f"method {m.name!r} needs {want} fine-tuned model(s), got {n}")
+    if not m.takes(n):
+        raise ValueError(f"method {m.name!r} needs {m.models_wanted} fine-tuned model(s), got {n}")

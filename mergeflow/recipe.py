@@ -77,9 +77,8 @@ class Recipe(BaseModel):
         except ValidationError as err:
             raise ValueError(f"hyperparameters for {self.method!r}: {_short(err)}") from None
         n = len(self.models)
-        if n < method.min_models or (method.max_models is not None and n > method.max_models):
-            raise ValueError(f"models: {self.method!r} takes {method.min_models}"
-                             f"{'' if method.max_models == method.min_models else '+'} model(s), got {n}")
+        if not method.takes(n):
+            raise ValueError(f"models: {self.method!r} takes {method.models_wanted} model(s), got {n}")
         return self
 
     @property

@@ -107,9 +107,8 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     except Exception as err:  # pydantic ValidationError: its message names the field
         raise MergeConfigError(f"invalid hyperparameters for {method!r}:\n{err}") from None
     n = len(model_dirs)
-    if n < m.min_models or (m.max_models is not None and n > m.max_models):
-        want = m.min_models if m.max_models == m.min_models else f"{m.min_models}..{m.max_models or 'any'}"
-        raise MergeConfigError(f"method {method!r} needs {want} fine-tuned model(s), got {n}")
+    if not m.takes(n):
+        raise MergeConfigError(f"method {method!r} needs {m.models_wanted} fine-tuned model(s), got {n}")
     try:
         check_lam_count(params, n)
     except ValueError as err:

@@ -58,10 +58,14 @@ def _load(path: str, mtime_ns: int, size: int) -> Coefficients:
 
 
 def _file_config(params: AdaMergingParams) -> dict:
-    """The tuning settings recorded in the coefficients file. The file decides how it is applied
-    (mode, AdaMerging++ and its k): a setting given here that differs from it is an error, not
-    silently ignored (a stale file, or the wrong one)."""
-    config = load_coefficients(params.coefficients).metadata.get("config", {})
+    """The tuning settings recorded in the coefficients file."""
+    return load_coefficients(params.coefficients).metadata.get("config", {})
+
+
+def _check_settings(params: AdaMergingParams) -> None:
+    """The file decides how it is applied (mode, AdaMerging++ and its k): a setting given here
+    that differs from it is an error, not silently ignored (a stale file, or the wrong one)."""
+    config = _file_config(params)
     given = params.model_dump(mode="json", include=params.model_fields_set & set(AdaMergingConfig.model_fields))
     differ = {name: (value, config[name]) for name, value in sorted(given.items())
               if name in config and value != config[name]}
@@ -69,7 +73,6 @@ def _file_config(params: AdaMergingParams) -> dict:
         detail = ", ".join(f"{name}={ours!r} (the file: {theirs!r})" for name, (ours, theirs) in differ.items())
         raise ValueError(f"adamerging: {params.coefficients} was tuned with other settings: {detail}; "
                          "drop those settings (the file's apply) or give the file tuned with them")
-    return config
 
 
 def _ties_params(params: AdaMergingParams) -> TiesParams | None:
@@ -113,7 +116,7 @@ def _check_inputs(params: AdaMergingParams, n: int, float_names: Sequence[str]) 
     """Before any read: the file loads, its settings agree with the ones given, it has one
     coefficient column per fine-tuned model, and every tensor it was tuned on is here."""
     coefs = load_coefficients(params.coefficients)
-    _file_config(params)
+    _check_settings(params)
     if n != coefs.n_tasks:
         raise ValueError(f"{params.coefficients} holds coefficients for {coefs.n_tasks} tasks "
                          f"{list(coefs.task_names)}, but {n} fine-tuned models were given")
@@ -135,7 +138,7 @@ def _check_inputs(params: AdaMergingParams, n: int, float_names: Sequence[str]) 
 )
 def adamerging(group: TensorGroup, params: AdaMergingParams, stats: GlobalStats) -> torch.Tensor:
     coefs = load_coefficients(params.coefficients)
-    if not _tuned(params, group.name):
+    if not coefs.covers(group.name):
         return group.base.clone()
     deltas = group.deltas
     if _ties_params(params) is not None:

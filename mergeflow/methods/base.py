@@ -278,6 +278,17 @@ class MergeMethod:
     # number of fine-tuned models, the float tensor names); raises ValueError naming the problem.
     check_inputs: Callable[[Hyperparams, int, Sequence[str]], None] | None = None
 
+    def takes(self, n: int) -> bool:
+        """Whether the method merges n fine-tuned models."""
+        return self.min_models <= n and (self.max_models is None or n <= self.max_models)
+
+    @property
+    def models_wanted(self) -> str:
+        """How many fine-tuned models it merges, in words: "2", "at least 1", "2 to 5"."""
+        if self.max_models == self.min_models:
+            return str(self.min_models)
+        return f"at least {self.min_models}" if self.max_models is None else f"{self.min_models} to {self.max_models}"
+
     def is_elementwise(self, params: Hyperparams) -> bool:
         """Whether the engine may split tensors into row chunks for these hyperparameters."""
         return self.elementwise(params) if callable(self.elementwise) else bool(self.elementwise)

@@ -51,8 +51,8 @@ def _zip(sim: torch.Tensor, num_models: int, a: float, b: float, tuples: list[to
     budget = torch.full((num_models,), int((n - o) // num_models * b + 1e-4))
     # As the official ZipIt! and MuDSC code, a budget is checked after each merge it counts,
     # never before the first: one such merge happens even when the budget rounds to 0.
-    group_budget = None if group_of is None else torch.full((int(group_of.max()) + 1,),
-                                                            int((n - o) // (int(group_of.max()) + 1) + 1e-4))
+    groups = 0 if group_of is None else int(group_of.max()) + 1
+    group_budget = torch.full((groups,), int((n - o) // max(groups, 1) + 1e-4))
     contains = torch.nn.functional.one_hot(origin, num_models).bool()  # models inside each cluster
     values = []
     for units in tuples:
