@@ -56,12 +56,13 @@ def _zip(sim: torch.Tensor, num_models: int, a: float, b: float, tuples: list[to
     contains = torch.nn.functional.one_hot(origin, num_models).bool()  # models inside each cluster
     values = []
     for units in tuples:
-        outside = torch.ones(n, dtype=torch.bool)
-        outside[units] = False
-        outside_pairs = outside[:, None] | outside[None, :] if len(units) < n else None
+        units = units.sort().values  # so the block's first maximum is the whole matrix's first
+        whole = len(units) == n
         for _ in range(len(units) - len(units) // num_models):
-            flat = int(torch.argmax(s if outside_pairs is None else s.masked_fill(outside_pairs, NEG_INF)))
-            u, v = sorted(divmod(flat, n))
+            # the best pair inside the tuple: argmax over its block, not over a masked copy of all
+            block = s if whole else s[units[:, None], units[None, :]]
+            i, j = divmod(int(torch.argmax(block)), len(units))
+            u, v = sorted((int(units[i]), int(units[j])))
             values.append(float(s[u, v]))
             members[members == v] = u
             contains[u] |= contains[v]
