@@ -158,7 +158,7 @@ def test_engine_runs_the_fused_kernels_on_cpu_and_not_when_asked(tmp_path, monke
     from mergeflow.kernels import window
 
     calls = {"merge": 0, "window": 0}
-    real_merge, real_window = ties_kernel.merge, window.abs_delta_window
+    real_merge, real_window = ties_kernel.merge, window.abs_delta_windows
 
     def counting(key, fn):
         def wrapped(*args, **kwargs):
@@ -166,7 +166,7 @@ def test_engine_runs_the_fused_kernels_on_cpu_and_not_when_asked(tmp_path, monke
             return fn(*args, **kwargs)
         return wrapped
     monkeypatch.setattr(ties_kernel, "merge", counting("merge", real_merge))
-    monkeypatch.setattr(window, "abs_delta_window", counting("window", real_window))
+    monkeypatch.setattr(window, "abs_delta_windows", counting("window", real_window))
     base, fts = _grid_models(3, torch.bfloat16)
     dirs = _write_all(tmp_path, base, fts)
     merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "a", {"k": 0.2}, progress=False, input_hashes=["h"] * 4)
@@ -185,7 +185,7 @@ def test_float16_inputs_take_the_torch_path_with_the_same_numbers(tmp_path):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "dare_ties", "pcb"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_bf16_input_is_refused_on_the_fused_path(tmp_path, method, bad):
     base, fts = _grid_models(2, torch.bfloat16)
@@ -198,17 +198,21 @@ def test_non_finite_bf16_input_is_refused_on_the_fused_path(tmp_path, method, ba
 
 def test_window_kernel_counts_like_the_numpy_window():
     from mergeflow.engine.selection import _window_cpu
-    from mergeflow.kernels.window import abs_delta_window
+    from mergeflow.kernels.window import abs_delta_windows
 
     g = torch.Generator().manual_seed(3)
     raw = (torch.randint(-40, 41, (4, 5000), generator=g).float() / 32).to(torch.bfloat16)
-    lo, hi = torch.tensor([0.25, 0.5, 0.0]), torch.tensor([0.5, 0.5, 0.125])  # one lo == hi row
-    counts, kept, nonfinite = abs_delta_window(raw, lo, hi)
-    ref_counts, ref_kept, _ = _window_cpu((raw[1:].float() - raw[0].float()).abs(), lo, hi)
-    assert nonfinite == 0
-    assert np.array_equal(counts, ref_counts)
-    assert all(torch.equal(a, b) for a, b in zip(kept, ref_kept, strict=True))
-    assert counts[2, 1] == 0 and kept[1].numel() == 0  # lo == hi: every window value counted at lo
+    windows = [(torch.tensor([0.25, 0.5, 0.0]), torch.tensor([0.5, 0.5, 0.125])),  # one lo == hi row
+               (torch.tensor([0.0, 0.125, 1.0]), torch.tensor([0.75, 1.25, 1.0]))]  # a second, as PCB's clip
+    got, nonfinite = abs_delta_windows(raw, windows)
+    assert nonfinite == 0 and len(got) == 2
+    tau = (raw[1:].float() - raw[0].float()).abs()
+    for (counts, kept), (lo, hi) in zip(got, windows, strict=True):
+        ref_counts, ref_kept, _ = _window_cpu(tau, lo, hi)
+        assert np.array_equal(counts, ref_counts)
+        assert all(torch.equal(a, b) for a, b in zip(kept, ref_kept, strict=True))
+    assert got[0][0][2, 1] == 0 and got[0][1][1].numel() == 0  # lo == hi: every window value counted at lo
+    assert got[1][0][:, 0].tolist() == [int((tau[0] < 0).sum()), int((tau[0] == 0).sum()), int((tau[0] == 0.75).sum())]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -107,24 +107,21 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
 def _fused_window(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, unit: Unit,
                   check: bool) -> dict[str, object] | None:
     """The unit's partial results from the pass's fused CPU window kernel (StatPass.cpu_window),
-    or None where it does not apply: pending k-th values only (one kernel call each, PCB's clip
-    has two), each in window mode and marking nothing."""
+    or None where it does not apply: pending k-th values only (one kernel sweep for all of them:
+    PCB's clip has two), each in window mode and marking nothing."""
     pending = reduction.pending()
     if stat_pass.cpu_window is None or not pending or any(name not in reduction.kth for name in pending):
         return None
-    selections = {name: reduction.kth[name] for name in pending}
-    if any(sel.mode != "window" or sel.marking for sel in selections.values()):
+    selections = [reduction.kth[name] for name in pending]
+    if any(sel.mode != "window" or sel.marking for sel in selections):
         return None
     raw = kernel_input(plan, unit)
     if raw is None:
         return None
-    partials = {}
-    for name, selection in selections.items():
-        counts, kept, nonfinite = stat_pass.cpu_window(raw, selection.lo, selection.hi)
-        if nonfinite and check:
-            read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
-        partials[name] = (unit.elems, counts, kept, None)
-    return partials
+    windows, nonfinite = stat_pass.cpu_window(raw, [(sel.lo, sel.hi) for sel in selections])
+    if nonfinite and check:
+        read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
+    return {name: (unit.elems, counts, kept, None) for name, (counts, kept) in zip(pending, windows, strict=True)}
 
 
 def _values_by_kernel(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats,

@@ -63,7 +63,7 @@ def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
             ties.dare_ties_merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0, "mean")
             dare.merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0)
             rows.count_nonfinite(storage_array(raw))
-            window.abs_delta_window(raw, torch.zeros(2), torch.ones(2))
+            window.abs_delta_windows(raw, [(torch.zeros(2), torch.ones(2))])
             pcb.score_arguments(raw, torch.zeros(2), torch.ones(2), 1.0)
             pcb.merge_nlp(raw, out, torch.arange(8), (torch.zeros(2), torch.ones(2)) * 2, 1.0, torch.tanh_, 1.0)
             _prepared[(stored, output)].set()

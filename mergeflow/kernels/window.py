@@ -2,11 +2,14 @@
 
 `selection._window_cpu` on the rows |theta_i - theta_0| gives, per task, the values below the
 window [lo, hi], those equal to lo and to hi, and the values strictly inside. This kernel gives
-the same numbers from the stored bf16 or float32 inputs in one vectorised sweep per task,
-without the float32 task vectors: TIES's trim-threshold pass spends most of its time here.
+the same numbers, for one window or several over the same values (PCB's clip has two), from
+the stored bf16 or float32 inputs in one vectorised sweep per task, without the float32 task
+vectors: TIES's trim-threshold pass spends most of its time here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,33 +19,40 @@ from mergeflow.kernels import storage_array, thread_scratch
 from mergeflow.kernels.storage import is_finite, load
 
 
-def abs_delta_window(raw: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-                     ) -> tuple[np.ndarray, list[torch.Tensor], int]:
-    """`selection._window_cpu` on the rows |theta_i - theta_0|, from the stored values `raw`
-    (n + 1, m), base first: the (3, n) counts below lo, at lo and at hi (0 at hi when lo == hi),
-    each row's values strictly inside, and how many input values are not finite."""
+def abs_delta_windows(raw: torch.Tensor, windows: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> tuple[list[tuple[np.ndarray, list[torch.Tensor]]], int]:
+    """`selection._window_cpu` on the rows |theta_i - theta_0| for each (lo, hi) of `windows`,
+    from the stored values `raw` (n + 1, m), base first: per window the (3, n) counts below lo,
+    at lo and at hi (0 at hi when lo == hi) and each row's values strictly inside; and how many
+    input values are not finite.
+
+    A sweep per window: one sweep that counts two windows (PCB's clip) measured no faster than
+    two, as its loop no longer vectorises as well; the inputs' finiteness is counted once."""
     n, m = raw.shape[0] - 1, raw.shape[1]
-    bounds = [np.ascontiguousarray(np.broadcast_to(b.to(torch.float32).numpy(), (n,))) for b in (lo, hi)]
-    counts = np.zeros((3, n), dtype=np.int64)
+    stored = storage_array(raw)
     values, inside = thread_scratch("window_values", (n, m)), thread_scratch("window_inside", (n, m), np.bool_)
-    nonfinite = _loops(storage_array(raw), *bounds, counts, values, inside)
-    # numpy's flatnonzero on a bool row is a SIMD scan, several times faster than a compaction
-    # loop here: the window holds well under 1 % of the values
-    kept = [torch.from_numpy(values[i][np.flatnonzero(inside[i])]) for i in range(n)]
-    return counts, kept, int(nonfinite)
+    results, nonfinite = [], 0
+    for k, (lo, hi) in enumerate(windows):
+        bounds = [np.ascontiguousarray(np.broadcast_to(b.to(torch.float32).numpy(), (n,))) for b in (lo, hi)]
+        counts = np.zeros((3, n), dtype=np.int64)
+        nonfinite += int(_loops(stored, *bounds, counts, values, inside, k == 0))
+        # numpy's flatnonzero on a bool row is a SIMD scan, several times faster than a
+        # compaction loop here: the window holds well under 1 % of the values
+        results.append((counts, [torch.from_numpy(values[i][np.flatnonzero(inside[i])]) for i in range(n)]))
+    return results, nonfinite
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _loops(raw, lo, hi, counts, values, inside):
+def _loops(raw, lo, hi, counts, values, inside, check_finite):
     """raw: (n + 1, m) stored values, base first; lo, hi: (n,) float32 window bounds.
 
     Fills counts (3, n) int64 with the values below lo, equal to lo and equal to hi, values
     (n, m) float32 with |theta_i - theta_0| and inside (n, m) bool with lo < value < hi.
-    Returns how many stored values are not finite.
+    Returns how many stored values are not finite (0 unless `check_finite`).
     """
     n1, m = raw.shape
     finite = np.int32(0)  # int32 counters vectorise best; a unit row is far below 2**31 values
-    for i in range(n1):
+    for i in range(n1 if check_finite else 0):
         row = raw[i]
         for j in range(m):
             finite += np.int32(is_finite(load(row[j])))
@@ -59,4 +69,4 @@ def _loops(raw, lo, hi, counts, values, inside):
             row_inside[j] = (a > low) & (a < high)
         counts[0, i], counts[1, i] = below, at_low
         counts[2, i] = at_high if low != high else 0  # lo == hi: the window's values count at lo
-    return n1 * m - np.int64(finite)
+    return (n1 * m - np.int64(finite)) if check_finite else np.int64(0)

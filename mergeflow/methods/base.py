@@ -124,12 +124,12 @@ def negative_zeros(values: torch.Tensor) -> torch.Tensor:
     return bits == pattern
 
 
-def abs_delta_window(raw: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+def abs_delta_windows(raw: torch.Tensor, windows: list[tuple[torch.Tensor, torch.Tensor]]):
     """A `StatPass.cpu_window` for passes whose values are |tau|: the fused kernel of
     mergeflow.kernels.window, imported on first use (numba loads only for methods that use it)."""
-    from mergeflow.kernels.window import abs_delta_window as kernel
+    from mergeflow.kernels.window import abs_delta_windows as kernel
 
-    return kernel(raw, lo, hi)
+    return kernel(raw, windows)
 
 
 def check_lam_count(params: Hyperparams, n: int) -> None:
@@ -201,11 +201,12 @@ class StatPass:
 
     values: Callable[[TensorGroup, Hyperparams, GlobalStats], dict[str, torch.Tensor]]
     reductions: Callable[[Hyperparams], dict[str, Reduce]]
-    # Optional: cpu_window(raw, lo, hi) -> (counts (3, rows), kept values per row, non-finite
-    # input count), what `selection._window_cpu` gives on this pass's one k-th value source,
-    # computed from the stacked stored values raw (n + 1, m) (base first).
-    cpu_window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                         tuple[np.ndarray, list[torch.Tensor], int]] | None = None
+    # Optional: cpu_window(raw, [(lo, hi), ...]) -> ([(counts (3, rows), kept values per row)
+    # per window], non-finite input count): what `selection._window_cpu` gives for each window
+    # on this pass's one k-th value source, computed from the stacked stored values raw
+    # (n + 1, m) (base first) in one sweep.
+    cpu_window: Callable[[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]],
+                         tuple[list[tuple[np.ndarray, list[torch.Tensor]]], int]] | None = None
     # Optional: `values` by a fused kernel from the stored values (see CpuValues).
     cpu_values: CpuValues | None = None
 

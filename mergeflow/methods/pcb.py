@@ -45,7 +45,7 @@ from mergeflow.methods.base import (
     Reduce,
     StatPass,
     TensorGroup,
-    abs_delta_window,
+    abs_delta_windows,
     negative_zeros,
     nonzero_positions,
     sum_over_tasks,
@@ -306,7 +306,7 @@ def check_score_stats(stats: GlobalStats) -> None:
         )
 
 
-PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=abs_delta_window),
+PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=abs_delta_windows),
                    StatPass(_score_values, _score_reductions, cpu_values=CpuValues(_score_values_from_stored, _is_nlp)))
 
 

@@ -45,7 +45,7 @@ from mergeflow.methods.base import (
     Reduce,
     StatPass,
     TensorGroup,
-    abs_delta_window,
+    abs_delta_windows,
     negative_zeros,
     nonzero_positions,
     sum_over_tasks,
@@ -267,7 +267,7 @@ def _signs(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[s
     return {"ties_sign": sign_count_values(_trimmed(group, params, stats))}
 
 
-TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds, cpu_window=abs_delta_window)
+TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds, cpu_window=abs_delta_windows)
 MAJORITY_PASS = StatPass(values=_signs, reductions=lambda p: {"ties_majority": Reduce("ties_sign", "sum")})
 
 
