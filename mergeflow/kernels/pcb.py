@@ -93,7 +93,9 @@ def merge_nlp(raw: torch.Tensor, out: torch.Tensor, positions: torch.Tensor,
                                  clipped, inter, intra, total)
     scores = torch.from_numpy(intra).exp_()
     scores.mul_(tanh_(torch.from_numpy(inter)) if large else torch.from_numpy(inter))
-    _weighted_mean_into(stored[0], idx, intra, clipped, cut, top, _span(cut, top), np.float32(lam), storage_array(out))
+    sums = thread_scratch("pcb_merge_sums", (2, idx.size))
+    _weighted_mean_into(stored[0], idx, intra, clipped, cut, top, _span(cut, top), np.float32(lam), sums,
+                        storage_array(out))
 
 
 def _row_values(values: torch.Tensor) -> np.ndarray:
@@ -135,27 +137,29 @@ def _candidate_arguments(raw, idx, lo, hi, width, n_tasks, identity_below, clipp
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _weighted_mean_into(base, idx, scores, clipped, cut, top, span, lam, out):
+def _weighted_mean_into(base, idx, scores, clipped, cut, top, span, lam, sums, out):
     """out = the base, then at idx: theta_0 + lam * sum_i scale_i T_c,i / max(sum_i scale_i, 1e-12)
-    with scale_i = (clamp(score_i, cut_i, top_i) - cut_i) / (top_i - cut_i), sums in task order."""
+    with scale_i = (clamp(score_i, cut_i, top_i) - cut_i) / (top_i - cut_i), sums in task order.
+    Task by task over contiguous rows (sums: (2, len(idx)) scratch for the two sums), so the
+    loops vectorise; each entry gets the same float32 operations in the same order."""
     for j in range(out.shape[0]):
         store(out, j, load(base[j]))
-    n = scores.shape[0]
+    den, num = sums[0], sums[1]
+    for i in range(scores.shape[0]):
+        row, kept = scores[i], clipped[i]
+        low, high, width = cut[i], top[i], span[i]
+        for q in range(row.shape[0]):
+            x = row[q]
+            x = low if x < low else x
+            x = high if x > high else x
+            scale = (x - low) / width
+            if i == 0:
+                den[q], num[q] = scale, kept[q] * scale
+            else:
+                den[q], num[q] = den[q] + scale, num[q] + kept[q] * scale
     eps = np.float32(1e-12)
     for q in range(idx.shape[0]):
-        den = np.float32(0.0)
-        num = np.float32(0.0)
-        for i in range(n):
-            x = scores[i, q]
-            x = cut[i] if x < cut[i] else x
-            x = top[i] if x > top[i] else x
-            scale = (x - cut[i]) / span[i]
-            product = clipped[i, q] * scale
-            if i == 0:
-                den, num = scale, product
-            else:
-                den, num = den + scale, num + product
-        den = eps if den < eps else den
+        d = eps if den[q] < eps else den[q]
         j = idx[q]
-        merged = num / den * lam + load(base[j])
+        merged = num[q] / d * lam + load(base[j])
         store(out, j, merged)
