@@ -44,9 +44,10 @@ def merge_pipeline(params: Params) -> dict[str, Any]:
 
     results = []
     for choice in params.methods():
-        merged = merge_method(inputs, choice)
+        prepared = prepare(inputs, choice)
+        merged = merge_method(inputs, choice, prepared)
         accuracy = evaluate(inputs, merged, inputs.tasks, split)
-        results.append(MergeResult(choice.label, choice.method, choice.hparams(), accuracy, merged))
+        results.append(MergeResult(choice.label, choice.method, choice.hparams(), accuracy, merged, prepared))
         if params.tracking.enabled:
             track(params, choice, accuracy, expert_acc, pretrained_acc, inputs.base, inputs.models, merged,
                   run_tags(inputs, choice))
@@ -99,9 +100,8 @@ def track(params: Params, choice: MethodChoice, accuracy, expert_acc, pretrained
         artifact_root=str(params.artifact_root()), project_dir=params.project)
 
 
-def merge_method(inputs: MergeInputs, choice: MethodChoice):
-    """[method-specific steps] -> merge, for one method choice."""
-    prepared = prepare(inputs, choice)
+def merge_method(inputs: MergeInputs, choice: MethodChoice, prepared: dict[str, Any]):
+    """The merge of one method choice, with what its [method-specific steps] prepared."""
     models = [inputs.models[t] for t in sorted(inputs.models)]
     return merge_models(inputs.store, choice.method, choice.hparams(), inputs.base, models,
                         prepared, inputs.device)

@@ -7,7 +7,7 @@ import io
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,9 @@ class MergeResult:
     hparams: dict[str, Any]
     accuracy: dict[str, float]
     merged: ArtifactRef
+    # What the method-specific steps handed to the merge (flows/preparation.py): a coefficient
+    # search's {"lam": [...]}, AdaMerging's coefficients artifact; {} for most methods.
+    prepared: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Report:
             "pretrained": summary(self.pretrained),
             "experts": summary(self.experts),
             "merges": [{"label": m.label, "method": m.method, "hparams": m.hparams,
+                        "prepared": {k: _described(v) for k, v in m.prepared.items()},
                         "output_hash": m.merged.content_hash, **summary(m.accuracy)}
                        for m in self.merges],
         }
@@ -82,6 +86,13 @@ class Report:
         _write_atomic(params.path(out.metrics), json.dumps(self.metrics(), indent=2, sort_keys=True) + "\n")
         _write_atomic(params.path(out.per_task), self.per_task_csv())
         _write_atomic(params.path(out.report), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _described(value: Any) -> Any:
+    """A prepared input as the report shows it: an artifact by its path and content hash."""
+    if hasattr(value, "content_hash") and hasattr(value, "path"):
+        return {"path": str(value.path), "content_hash": value.content_hash}
+    return value
 
 
 def _write_atomic(path: Path, text: str) -> None:

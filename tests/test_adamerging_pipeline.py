@@ -3,6 +3,7 @@ coefficients, and the MLflow tuning run (entropy curve, heat map, accuracy, tran
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,9 @@ def test_first_run_tunes_then_merges_with_the_learned_coefficients(first_run):
                                             "count": {t: 32 for t in coefs.task_names}}
     [merge] = report["merges"]
     assert merge["method"] == "adamerging" and set(merge["accuracy"]) == set(coefs.task_names)
+    coefficients = merge["prepared"]["coefficients"]  # the report names the tuned coefficients
+    assert coefficients["path"] == str(coef_dir / "coefficients.safetensors")
+    assert coefficients["content_hash"] == json.loads((coef_dir / "manifest.json").read_text())["content_hash"]
 
 
 def test_tuning_run_in_mlflow(first_run):

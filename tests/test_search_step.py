@@ -75,6 +75,9 @@ def test_pipeline_merges_with_the_searched_lams(first_run):
         assert torch.equal(merged[name], expected[name]), name
     manifest = json.loads((project / "outputs" / "merged" / "mergeflow_manifest.json").read_text())
     assert manifest["hyperparameters"]["lam"] == lams
+    # The report says which lams the merge used, and that the compared entry had none prepared.
+    assert report["merges"][0]["prepared"] == {"lam": lams} and report["merges"][1]["prepared"] == {}
+    assert json.loads((project / "outputs" / "report.json").read_text())["merges"][0]["prepared"] == {"lam": lams}
     # ... and not the same method at its default lam (the compared entry).
     assert report["merges"][0]["output_hash"] != report["merges"][1]["output_hash"]
 
