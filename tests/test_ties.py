@@ -81,10 +81,14 @@ def test_integer_and_bool_buffers_are_copied_from_the_base():
 def test_per_tensor_scope_keeps_int_k_numel_per_tensor():
     base = {"big": torch.zeros(7), "small": torch.zeros(3)}
     tau = {"big": _t(7, 6, 5, 4, 3, 2, 1), "small": _t(9, 8, 7)}
-    # k = 0.3: big keeps int(2.1) = 2 entries, small keeps int(0.9) = 0 (mergekit would refuse).
+    # k = 0.3: big keeps int(2.1) = 2 entries; small's int(0.9) = 0 becomes 1, its largest, as
+    # mergekit's sparsify.magnitude keeps at least one entry of a non-empty tensor.
     out = mergeflow.merge("ties", base, _models(base, [tau]), k=0.3, trim_scope="tensor")
     assert torch.equal(out["big"], _t(7, 6, 0, 0, 0, 0, 0))
-    assert torch.equal(out["small"], torch.zeros(3))
+    assert torch.equal(out["small"], _t(9, 0, 0))
+    # k = 0 keeps nothing: every tensor stays at the base.
+    none = mergeflow.merge("ties", base, _models(base, [tau]), k=0.0, trim_scope="tensor")
+    assert torch.equal(none["big"], torch.zeros(7)) and torch.equal(none["small"], torch.zeros(3))
     # The global trim over d = 10 keeps int(3.0) + 1 = 4 entries: 9, 8, 7 and 7.
     glob = mergeflow.merge("ties", base, _models(base, [tau]), k=0.3)
     assert torch.equal(glob["small"], _t(9, 8, 7))

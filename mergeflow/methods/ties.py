@@ -6,8 +6,8 @@ For each task vector tau_i (float tensors only, computed in float32):
    |tau_i| (entries tied at the threshold are all kept; kk = 0, i.e. k = 1, keeps everything).
    As in the official code this keeps int(d * k) + 1 entries when there are no ties.
    `trim_scope="tensor"` (mergekit's per-tensor variant): the same rule inside each tensor with
-   int(k * numel) kept (ties at the threshold kept too; int(k * numel) = 0 keeps nothing, where
-   mergekit refuses). mergekit keeps exactly int(k * numel) entries by a descending argsort,
+   max(1, int(k * numel)) kept for k > 0, as mergekit 0.1.5 (ties at the threshold kept too).
+   mergekit keeps exactly int(k * numel) entries by a descending argsort,
    whose order among equal magnitudes torch does not define (its CPU sort is not stable there),
    so no rule can reproduce which tied entries it keeps; keeping them all is deterministic and
    is the global rule's choice (bf16 task vectors tie often: ~1 % more entries kept at k 0.2).
@@ -239,9 +239,11 @@ def combine(base: torch.Tensor, tau_m: torch.Tensor, lam: float | list[float]) -
 # ---- the method ----
 
 def tensor_kept_rank(numel: int, k: float) -> int:
-    """mergekit's per-tensor trim: int(k * numel) kept, so the threshold is the
-    (numel - kept + 1)-th smallest |tau|; keeping none is rank numel + 1 (threshold +inf)."""
-    return numel - int(k * numel) + 1
+    """mergekit's per-tensor trim: max(1, int(k * numel)) kept for k > 0 (mergekit's
+    `sparsify.magnitude` keeps at least one entry of a non-empty tensor), so the threshold is the
+    (numel - kept + 1)-th smallest |tau|; keeping none (k = 0) is rank numel + 1 (threshold +inf)."""
+    kept = max(1, int(k * numel)) if k > 0 and numel > 0 else 0
+    return numel - kept + 1
 
 
 def _trimmed(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> torch.Tensor:
