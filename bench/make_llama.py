@@ -32,8 +32,9 @@ SIZES = {
 def llama_config(size: str):
     from transformers import LlamaConfig
 
+    # `architectures` as in a real checkpoint's config.json: tools such as mergekit read it
     return LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False,
-                       torch_dtype="bfloat16")
+                       torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
 
 
 def llama_signature(config) -> dict[str, tuple[int, ...]]:

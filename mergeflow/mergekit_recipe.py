@@ -16,8 +16,18 @@ Supported `merge_method`s and what they become (mergekit semantics, per tensor):
 Every weight 0 gives the base model in the task-vector methods (mergekit's divisor guard turns
 0/0 into 0), and is refused for linear (mergekit divides by the zero sum: a NaN model).
 
-One known difference: where the weighted trimmed sum is exactly zero, mergekit takes the sign
-+1, mergeflow the whole model's majority sign (the official TIES rule). Everything else that
+Known differences (bench/bench_vs_mergekit.py measures them; task_arithmetic agrees bit for bit
+in float32):
+- where the weighted trimmed sum is exactly zero, mergekit takes the sign +1, mergeflow the whole
+  model's majority sign (the official TIES rule);
+- entries tied at a tensor's trim threshold: mergekit keeps exactly int(density * numel) entries,
+  choosing among the tied ones by the order of torch's argsort, which is not stable on CPU (so
+  its choice is arbitrary); mergeflow keeps every tied entry (deterministic; the official TIES
+  rule). bf16 task vectors have many ties: on bench_engine's small Llama in float32, 67,174 of
+  4,999,424 entries differed for this reason and 3,943 for the first, none for any other;
+- mergekit computes in the recipe's dtype (bf16 rounds every intermediate), mergeflow in
+  float32, rounding once at the end.
+Everything else that
 mergekit can express but mergeflow cannot (per-model densities that differ, per-layer gradient
 lists, tensor filters, slices, tokenizer merging, unequal weights under normalize, ...) is an
 error that names the field.
