@@ -1,5 +1,3 @@
-import sys
+from mergeflow.cli import program
 
-from mergeflow.cli import main
-
-sys.exit(main())
+program()

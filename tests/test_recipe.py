@@ -149,3 +149,16 @@ def test_merge_command_reports_an_untranslatable_mergekit_recipe_in_one_line(mod
     err = capsys.readouterr().err
     assert "density" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_program_exits_with_mains_code_after_freezing_the_heap(monkeypatch):
+    # The console script and `python -m mergeflow` run `program`: main's exit code, and gc.freeze
+    # first, so the interpreter's shutdown does not walk every torch and numba object (~0.8 s).
+    from mergeflow import cli
+
+    frozen = []
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.gc, "freeze", lambda: frozen.append(True))
+    with pytest.raises(SystemExit) as exit_:
+        cli.program()
+    assert exit_.value.code == 3 and frozen == [True]
