@@ -142,6 +142,26 @@ def test_search_flow_tunes_task_arithmetic_lams(prefect_api, tiny_zoo, tmp_path)
     assert all(0.1 <= lam <= 0.6 for lam in result["lams"])
 
 
+def test_a_failing_candidate_fails_the_search_with_its_error(prefect_api, tiny_zoo, tmp_path, monkeypatch):
+    # One evaluation that raises (a broken candidate merge) must end the search with that error,
+    # not hang on the other evaluations in flight nor choose from the points it has.
+    import tasks.coefficient_search as candidate_tasks
+    from flows.coefficient_search import coefficient_search
+
+    real, calls = candidate_tasks._candidate_state, []
+
+    def third_one_breaks(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("candidate 3 broke")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(candidate_tasks, "_candidate_state", third_one_breaks)
+    with pytest.raises(RuntimeError, match="candidate 3 broke"):
+        coefficient_search(zoo_dir=str(tiny_zoo.root), store=str(tmp_path / "store"), method="pcb", budget=6,
+                           workers=2, eval_limit=EVAL_LIMIT, track=False)
+    assert len(calls) <= 4  # the batch after the failure was never asked
+
+
 def test_the_search_optimiser_runs_past_its_metamodel_switch():
     """NGOpt picks a metamodel for 4 coefficients at the official budget of 100; from its 26th
     evaluation on it fits a model, which failed with numpy >= 2.4 (constraints.txt pins below).
