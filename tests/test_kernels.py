@@ -355,3 +355,39 @@ def test_pcb_merge_kernel_writes_the_torch_bytes(dtype, n, marked):
     out = torch.empty(3000, dtype=dtype)
     pcb._pcb_fused_cpu("w", 0, raw, out, params, stats, candidates)
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_kernels_load_without_importing_scipy_and_leave_it_importable():
+    # numba's first kernel call would import scipy.linalg (0.15-0.25 s holding the GIL) only to
+    # check for BLAS; the loading thread is refused scipy, nobody else is, and nothing stays.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, threading, torch\n"
+        "from mergeflow import kernels\n"
+        "kernels.prepare({(torch.bfloat16, torch.bfloat16)})\n"
+        "assert kernels.wait_ready(torch.bfloat16, torch.bfloat16, timeout=600)\n"
+        "assert 'scipy' not in sys.modules\n"
+        "assert not any(isinstance(f, kernels._NoScipyInThisThread) for f in sys.meta_path)\n"
+        "import scipy.linalg\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_the_scipy_guard_refuses_only_its_own_thread():
+    import threading
+
+    from mergeflow.kernels import _NoScipyInThisThread
+
+    guard = _NoScipyInThisThread()
+    with pytest.raises(ModuleNotFoundError, match="scipy.linalg"):
+        guard.find_spec("scipy.linalg")
+    assert guard.find_spec("numpy") is None
+    seen = []
+    other = threading.Thread(target=lambda: seen.append(guard.find_spec("scipy")))
+    other.start()
+    other.join()
+    assert seen == [None]  # another thread's import goes on to the real finders

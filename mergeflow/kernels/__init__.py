@@ -16,6 +16,7 @@ done, `ready` is False and the engine runs the torch code, which gives the same 
 
 from __future__ import annotations
 
+import importlib.abc
 import sys
 import threading
 
@@ -51,25 +52,58 @@ def wait_ready(stored: torch.dtype, output: torch.dtype, timeout: float | None =
     return event is not None and event.wait(timeout)
 
 
+class _NoScipyInThisThread(importlib.abc.MetaPathFinder):
+    """Makes `import scipy` fail in one thread, while the kernels load.
+
+    numba's first kernel call imports numba.np.arraymath, which imports scipy.linalg only to
+    learn whether np.correlate / np.convolve may call BLAS (numba falls back to a plain loop
+    without it). That import took 0.25 s of the 0.5 s first call here, holding the GIL while the
+    merge had started. The kernels call neither function. Other threads import scipy as usual,
+    and so does this process later: numba's np.dot and linalg import it when they are compiled.
+    """
+
+    def __init__(self) -> None:
+        self.thread = threading.current_thread()
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if threading.current_thread() is self.thread and name.split(".")[0] == "scipy":
+            raise ModuleNotFoundError(f"no scipy while mergeflow's kernels load ({name})", name=name)
+        return None
+
+    def __enter__(self) -> _NoScipyInThisThread:
+        if "scipy" not in sys.modules:  # else the import costs nothing: leave it alone
+            sys.meta_path.insert(0, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+
 def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
     try:
-        from mergeflow.kernels import dare, pcb, rows, task_arithmetic, ties, window
-
-        for stored, output in pairs:  # each call compiles (or loads) one specialisation
-            raw, out = torch.zeros((3, 8), dtype=stored), torch.empty(8, dtype=output)
-            task_arithmetic.merge(raw, out, 1.0)
-            task_arithmetic.merge(raw, out, [1.0, 1.0])
-            ties.merge(raw, out, torch.zeros(2), 1.0, "mean")
-            ties.dare_ties_merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0, "mean")
-            dare.merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0)
-            rows.count_nonfinite(storage_array(raw))
-            window.abs_delta_windows(raw, [(torch.zeros(2), torch.ones(2))])
-            pcb.score_arguments(raw, torch.zeros(2), torch.ones(2), 1.0)
-            pcb.merge_nlp(raw, out, torch.arange(8), (torch.zeros(2), torch.ones(2)) * 2, 1.0, torch.tanh_, 1.0)
-            _prepared[(stored, output)].set()
+        with _NoScipyInThisThread():
+            _load(pairs)
     except Exception as e:  # the torch code serves every unit instead: slower, same bytes
         print(f"mergeflow: note: the fused CPU kernels are unavailable ({type(e).__name__}: {e}); "
               "merging with the torch code", file=sys.stderr)
+
+
+def _load(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
+    from mergeflow.kernels import dare, pcb, rows, task_arithmetic, ties, window
+
+    for stored, output in pairs:  # each call compiles (or loads) one specialisation
+        raw, out = torch.zeros((3, 8), dtype=stored), torch.empty(8, dtype=output)
+        task_arithmetic.merge(raw, out, 1.0)
+        task_arithmetic.merge(raw, out, [1.0, 1.0])
+        ties.merge(raw, out, torch.zeros(2), 1.0, "mean")
+        ties.dare_ties_merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0, "mean")
+        dare.merge(raw, out, np.zeros((2, 8), dtype=np.uint32), 0, 0.5, 1.0)
+        rows.count_nonfinite(storage_array(raw))
+        window.abs_delta_windows(raw, [(torch.zeros(2), torch.ones(2))])
+        pcb.score_arguments(raw, torch.zeros(2), torch.ones(2), 1.0)
+        pcb.merge_nlp(raw, out, torch.arange(8), (torch.zeros(2), torch.ones(2)) * 2, 1.0, torch.tanh_, 1.0)
+        _prepared[(stored, output)].set()
 
 
 def storage_array(t: torch.Tensor) -> np.ndarray:
