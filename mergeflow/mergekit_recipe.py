@@ -12,6 +12,8 @@ Supported `merge_method`s and what they become (mergekit semantics, per tensor):
   when it is listed; base_model is optional)                   -> average
 - `slerp` between `base_model` and one other model, scalar t    -> slerp(t), models [base, other]
 `dtype` / `out_dtype` become the output dtype (mergeflow always computes in float32).
+`tokenizer_source: base` (or `tokenizer: {source: base}`) is accepted: mergeflow copies the base
+model's tokenizer files in any case.
 
 Every weight 0 gives the base model in the task-vector methods (mergekit's divisor guard turns
 0/0 into 0), and is refused for linear (mergekit divides by the zero sum: a NaN model).
@@ -62,7 +64,8 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
     def fail(msg: str) -> MergekitRecipeError:
         return MergekitRecipeError(f"{source} (mergekit recipe): {msg}")
 
-    allowed = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name"}
+    allowed = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "name",
+               "tokenizer_source", "tokenizer"}
     extra = sorted(set(cfg) - allowed, key=str)
     if extra:
         raise fail(f"{', '.join(map(str, extra))}: not supported by mergeflow "
@@ -75,6 +78,7 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
         raise fail(f"base_model: expected one model path or name, got {base!r}")
     if not base and method != "linear":  # linear alone does not use a base (see _linear)
         raise fail("base_model: required (mergeflow merges fine-tunes of one base model)")
+    _check_tokenizer(cfg, base, fail)
     entries = cfg.get("models") or []
     if not isinstance(entries, list) or not entries:
         raise fail("models: a non-empty list of {model: ..., parameters: ...} is required")
@@ -190,6 +194,24 @@ def _linear(out: dict[str, Any], models: list[str], weight: float, normalize: bo
 def _same_model(a: str, b: str | None) -> bool:
     """Whether two references name the same model ('./base/' and 'base' do)."""
     return b is not None and os.path.normpath(a) == os.path.normpath(b)
+
+
+def _check_tokenizer(cfg: dict[str, Any], base: str | None, fail: Fail) -> None:
+    """`tokenizer_source: base` (or `tokenizer: {source: base}`, or the base_model itself) is what
+    mergeflow does anyway: it copies the tokenizer files of the base. Anything else (`union`,
+    another model's tokenizer, added tokens) would need the embeddings re-laid out: refused."""
+    for key, value in (("tokenizer_source", cfg.get("tokenizer_source")),
+                       ("tokenizer", cfg.get("tokenizer"))):
+        if value is None:
+            continue
+        source = value.get("source") if key == "tokenizer" and isinstance(value, dict) else value
+        extra = sorted(set(value) - {"source"}, key=str) if isinstance(value, dict) else []
+        field = f"{key}.source" if key == "tokenizer" else key
+        if extra:
+            raise fail(f"{key}.{extra[0]}: not supported (mergeflow copies the base model's tokenizer files)")
+        if not base or not isinstance(source, str) or not (source == "base" or _same_model(source, base)):
+            raise fail(f"{field}: {source!r} is not supported; mergeflow copies the tokenizer files of "
+                       "base_model, which is `base` (use that, or drop the key)")
 
 
 def _mapping(value: object, field: str, fail: Fail) -> dict:

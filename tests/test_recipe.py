@@ -105,12 +105,23 @@ def test_mergekit_other_methods():
      "unequal weights"),
     ({"parameters": {"rescale": False}, "merge_method": "dare_ties"}, "rescale"),
     ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon"),
+    ({"tokenizer_source": "union"}, "tokenizer_source: 'union'"),
+    ({"tokenizer_source": "a"}, "tokenizer_source: 'a'"),  # another model's tokenizer
+    ({"tokenizer": {"source": "base", "tokens": {"<x>": {}}}}, "tokenizer.tokens"),
 ])
 def test_mergekit_unsupported_features_are_named(change, field):
     cfg = {"merge_method": "ties", "base_model": "base",
            "models": [{"model": "a", "parameters": {"density": 0.5}}, {"model": "b", "parameters": {"density": 0.5}}]}
     with pytest.raises(MergekitRecipeError, match=field):
         from_mergekit({**cfg, **change})
+
+
+@pytest.mark.parametrize("tokenizer", [{"tokenizer_source": "base"}, {"tokenizer_source": "./base"},
+                                       {"tokenizer": {"source": "base"}}])
+def test_mergekit_base_tokenizer_is_what_mergeflow_does(tokenizer):
+    # mergeflow copies the base model's tokenizer files: the same recipe without the key
+    cfg = {"merge_method": "ties", "base_model": "base", "models": ["a", "b"]}
+    assert from_mergekit({**cfg, **tokenizer}) == from_mergekit(cfg)
 
 
 def test_merge_command_same_recipe_same_hash_and_mergekit_equivalent(models, tmp_path, capsys):
