@@ -2,10 +2,12 @@
 
 Supported `merge_method`s and what they become (mergekit semantics, per tensor):
 - `task_arithmetic`: base + sum_i w_i tau_i                    -> task_arithmetic(lam=[w_i])
+  (with `normalize: true`: lam=[w_i * lambda / sum_i w_i])
 - `ties`: per-tensor magnitude trim to `density`, sign of the weighted sum, then with
-  `normalize: true` (mergekit's default) the mean of the agreeing entries (equal weights only)
-  -> ties(trim_scope="tensor", k=density, agg="mean", lam=lambda); with `normalize: false`
-  the sum of the weighted agreeing entries -> ties(agg="sum", lam=[w_i * lambda]).
+  `normalize: true` (mergekit's default) the mean of the agreeing entries
+  -> ties(trim_scope="tensor", k=density, agg="mean", lam=lambda), or with unequal weights
+  their weighted mean -> ties(agg="weighted_mean", lam=[w_i]) (lambda 1 only); with
+  `normalize: false` the sum of the weighted agreeing entries -> ties(agg="sum", lam=[w_i * lambda]).
 - `dare_ties`: as ties with the random drop (p = 1 - density)   -> dare_ties(p, agg, lam)
 - `dare_linear`: random drop, weighted sum                      -> dare(p, lam=[w_i])
 - `linear` with equal weights and normalize: the mean of every listed model (base_model too,
@@ -31,7 +33,7 @@ in float32):
   float32, rounding once at the end.
 Everything else that
 mergekit can express but mergeflow cannot (per-model densities that differ, per-layer gradient
-lists, tensor filters, slices, tokenizer merging, unequal weights under normalize, ...) is an
+lists, tensor filters, slices, tokenizer merging, unequal linear weights, ...) is an
 error that names the field.
 """
 
@@ -137,12 +139,15 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
     if method.startswith("dare") and not rescale:
         raise fail("parameters.rescale: false is not supported (DARE always rescales by 1/(1-p))")
     equal = len(set(weights)) == 1
-    if normalize and not equal:
-        raise fail(f"models[*].parameters.weight: unequal weights {weights} with normalize: true "
-                   "(a weighted mean) are not supported; use equal weights or normalize: false")
     if method == "linear":
+        if not equal:
+            raise fail(f"models[*].parameters.weight: unequal weights {weights} for linear are not "
+                       "supported; use equal weights (mergeflow's average)")
         return _linear(out, models, weights[0], normalize, lam, fail)
-    if normalize:
+    agg = "mean" if normalize else "sum"
+    if normalize and not equal:
+        lam_value, agg = _weighted_lams(method, weights, lam, fail), "weighted_mean"
+    elif normalize:
         lam_value: float | list[float] = _normalized_lam(method, weights[0], len(models), lam)
     else:
         per_task = [w * lam for w in weights]
@@ -152,12 +157,28 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
     if method == "dare_linear":
         return {**out, "method": "dare", "models": models,
                 "hyperparameters": {"p": 1.0 - density, "lam": lam_value}}
-    agg = "mean" if normalize else "sum"
     if method == "ties":
         return {**out, "method": "ties", "models": models, "hyperparameters": {
             "k": density, "lam": lam_value, "agg": agg, "trim_scope": "tensor"}}
     return {**out, "method": "dare_ties", "models": models, "hyperparameters": {
         "p": 1.0 - density, "lam": lam_value, "agg": agg}}
+
+
+def _weighted_lams(method: str, weights: list[float], lam: float, fail: Fail) -> list[float]:
+    """mergeflow's per-task lams for mergekit's normalize: true with unequal weights.
+
+    With consensus (ties, dare_ties) mergekit divides sum_i w_i t_i mask_i by sum_i w_i mask_i:
+    agg "weighted_mean" with lam_i = w_i, which has no place left for a lambda. Without consensus
+    it divides sum_i w_i t_i by sum_i w_i (1 if that is about 0), then scales by lambda:
+    lam_i = w_i * lambda / sum_i w_i (equal up to float rounding)."""
+    if method in CONSENSUS:
+        if lam != 1.0:
+            raise fail("parameters.lambda: with unequal weights under normalize: true (a weighted mean) "
+                       f"{method} takes no lambda in mergeflow; fold it into the weights or drop it")
+        return list(weights)
+    total = sum(weights)
+    divisor = total if abs(total) >= MIN_WEIGHT_SUM else 1.0
+    return [w * lam / divisor for w in weights]
 
 
 def _normalized_lam(method: str, weight: float, n: int, lam: float) -> float:

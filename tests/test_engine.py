@@ -381,6 +381,28 @@ def test_fused_majority_pass_resolves_exact_cancellations(tmp_path, majority, me
         assert torch.equal(got["cancel"], base["cancel"])
 
 
+@pytest.mark.parametrize("majority", [-1, 0, 1])
+@pytest.mark.parametrize("method, hp", [("ties", {"k": 1.0}), ("dare_ties", {"p": 0.0})])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_fused_majority_pass_resolves_cancellations_in_a_weighted_mean(tmp_path, majority, method, hp, kernels):
+    # agg weighted_mean divides by the agreeing entries' lams, also in the values of the entries
+    # left open until the majority sign is known.
+    if kernels:
+        from mergeflow import kernels as fused
+
+        fused.prepare({(torch.float32, torch.float32)})
+        assert fused.wait_ready(torch.float32, torch.float32, timeout=300)
+    base, fts = _cancellation_models(majority)
+    hp = {**hp, "agg": "weighted_mean", "lam": [0.5, 0.5]}  # equal, so the deltas still cancel exactly
+    dirs = [_write(sd, tmp_path / f"m{i}", config=None) for i, sd in enumerate([base, *fts])]
+    merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "out", hp, progress=False, cpu_kernels=kernels)
+    expected = mergeflow.merge(method, base, fts, **hp)
+    got = load_state_dict(tmp_path / "out")
+    assert all(torch.equal(got[name], expected[name]) for name in base)
+    d = fts[0]["cancel"] - base["cancel"]  # one agreeing entry of weight 0.5: (0.5 d) / 0.5 = d
+    assert torch.equal(got["cancel"], base["cancel"] + (d if majority > 0 else -d))
+
+
 @pytest.mark.parametrize("method, hp", [("ties", {"k": 0.2}), ("ties", {"k": 0.2, "trim_scope": "tensor"}),
                                         ("pcb", {"ratio": 0.1}), ("dare_ties", {"p": 0.5})])
 def test_empty_and_scalar_tensors_stream_like_in_memory(tmp_path, method, hp):

@@ -123,6 +123,17 @@ def test_fused_ties_for_any_number_of_models(tmp_path, n, agg):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("method, hp", [("ties", {"k": 0.3}), ("dare_ties", {"p": 0.3})])
+def test_fused_weighted_mean_for_any_number_of_models(tmp_path, n, method, hp):
+    base, fts = _grid_models(n, torch.bfloat16, seed=10 + n)
+    hp = {**hp, "agg": "weighted_mean", "lam": [0.25 * (i + 1) for i in range(n)]}
+    dirs = _write_all(tmp_path, base, fts)
+    merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "o", hp, progress=False, input_hashes=["h"] * (n + 1))
+    got, expected = load_state_dict(tmp_path / "o"), mergeflow.merge(method, base, fts, **hp)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_float32_inputs_round_to_bf16_as_torch_does(tmp_path):
     # Halfway cases (ties to even), the largest float32 below bf16's overflow, subnormals, signed zeros.
     bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7F7FFF, 0xFF7F7FFF, 0x00000001,

@@ -101,8 +101,10 @@ def test_mergekit_other_methods():
     ({"models": [{"model": "a", "parameters": {"weight": [0.1, 0.9]}}]}, r"models\[0\].parameters.weight: per-layer gradient"),
     ({"merge_method": "breadcrumbs"}, "merge_method"),
     ({"slices": []}, "slices"),
-    ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 2.0}}]},
-     "unequal weights"),
+    ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 2.0}}],
+      "merge_method": "linear"}, "unequal weights"),
+    ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 2.0}}],
+      "parameters": {"lambda": 0.5}}, "parameters.lambda"),
     ({"parameters": {"rescale": False}, "merge_method": "dare_ties"}, "rescale"),
     ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon"),
     ({"tokenizer_source": "union"}, "tokenizer_source: 'union'"),
@@ -114,6 +116,20 @@ def test_mergekit_unsupported_features_are_named(change, field):
            "models": [{"model": "a", "parameters": {"density": 0.5}}, {"model": "b", "parameters": {"density": 0.5}}]}
     with pytest.raises(MergekitRecipeError, match=field):
         from_mergekit({**cfg, **change})
+
+
+def test_mergekit_unequal_weights_under_normalize():
+    # ties / dare_ties divide by the agreeing entries' weights: agg weighted_mean with lam = w;
+    # task_arithmetic divides by the sum of the weights: lam_i = w_i * lambda / sum(w)
+    models = [{"model": "a", "parameters": {"weight": 0.75}}, {"model": "b", "parameters": {"weight": 0.25}}]
+    ties = from_mergekit({"merge_method": "ties", "base_model": "base", "models": models})
+    assert ties["hyperparameters"] == {"k": 1.0, "lam": [0.75, 0.25], "agg": "weighted_mean", "trim_scope": "tensor"}
+    dt = from_mergekit({"merge_method": "dare_ties", "base_model": "base", "models": models,
+                        "parameters": {"density": 0.5, "normalize": True}})  # mergekit's default: false
+    assert dt["hyperparameters"] == {"p": 0.5, "lam": [0.75, 0.25], "agg": "weighted_mean"}
+    ta = from_mergekit({"merge_method": "task_arithmetic", "base_model": "base", "models": models,
+                        "parameters": {"normalize": True, "lambda": 2.0}})
+    assert ta["hyperparameters"] == {"lam": [0.75 * 2.0 / 1.0, 0.25 * 2.0 / 1.0]}
 
 
 @pytest.mark.parametrize("tokenizer", [{"tokenizer_source": "base"}, {"tokenizer_source": "./base"},

@@ -160,6 +160,37 @@ def test_matches_the_official_flattened_code(agg):
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
 
 
+def test_weighted_mean_divides_by_the_agreeing_lams():
+    base = {"w": torch.zeros(4)}
+    fts = [{"w": torch.tensor([1.0, 2.0, -3.0, 0.0])}, {"w": torch.tensor([3.0, -1.0, -1.0, 2.0])}]
+    out = mergeflow.merge("ties", base, fts, k=1.0, lam=[0.7, 0.3], agg="weighted_mean")
+    # lam-scaled: [0.7, 1.4, -2.1, 0] and [0.9, -0.3, -0.3, 0.6]; elected +, +, -, +
+    # (0.7 + 0.9) / 1.0, 1.4 / 0.7, -(2.1 + 0.3) / 1.0, 0.6 / 0.3
+    assert torch.allclose(out["w"], torch.tensor([1.6, 2.0, -2.4, 2.0]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="give lam as a list"):
+        mergeflow.merge("ties", base, fts, k=1.0, lam=0.5, agg="weighted_mean")
+
+
+def test_weighted_mean_is_mergekits_normalized_ties():
+    # mergekit's ties, normalize: true, unequal weights: sum_i(w t m) / sum_i(w m), m = agreeing
+    # with the sign of sum_i w t (no exact zero sums in continuous data).
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(40, 30, generator=g)}
+    fts = [{"w": base["w"] + torch.randn(40, 30, generator=g)} for _ in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    out = mergeflow.merge("ties", base, fts, k=0.4, lam=weights, agg="weighted_mean", trim_scope="tensor")
+    deltas = torch.stack([ft["w"] - base["w"] for ft in fts]).reshape(3, -1)
+    keep = int(0.4 * deltas.shape[1])
+    trimmed = torch.stack([torch.zeros_like(d).scatter_(0, d.abs().argsort(descending=True)[:keep],
+                                                        d[d.abs().argsort(descending=True)[:keep]])
+                           for d in deltas])
+    weighted = trimmed * torch.tensor(weights).unsqueeze(1)
+    mask = weighted.sign() == torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    divisor = (torch.tensor(weights).unsqueeze(1) * mask).sum(0)
+    expected = base["w"].reshape(-1) + (weighted * mask).sum(0) / torch.where(divisor == 0, 1.0, divisor)
+    assert torch.allclose(out["w"].reshape(-1), expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
 def test_nonzero_positions_matches_torch_nonzero(dtype):
     # The engine's fast path (numpy on the CPU) must agree with torch: -0.0 is zero, NaN is not.

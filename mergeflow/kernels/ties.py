@@ -10,6 +10,7 @@ same order, so the results are bitwise equal:
   tau       = mean: sum_i agreeing_i / max(count_i(agreeing_i > 0), 1) * vote
               sum:  sum_i agreeing_i * vote
               max:  |max_i agreeing_i| * vote
+              weighted_mean: sum_i agreeing_i / (sum_i lam_i [agreeing_i > 0], 1 if 0) * vote
   out       = tau * lam + theta_0   (scalar lam)   or   tau + theta_0   (per-task lam)
 Entries whose summed sign is exactly 0, where tau is not 0 or the base is -0.0, depend on the
 whole model's majority sign; their positions are returned with their values for a majority of -1 and of 0.
@@ -28,7 +29,7 @@ from mergeflow.kernels import storage_array, thread_scratch
 from mergeflow.kernels.rows import drop_rows, scale_rows, sum_rows, tile_columns
 from mergeflow.kernels.storage import is_negative_zero, load, store
 
-AGG_CODES = {"mean": 0, "sum": 1, "max": 2}
+AGG_CODES = {"mean": 0, "sum": 1, "max": 2, "weighted_mean": 3}
 OPEN_BLOCK = 256  # entries counted at once before a scan for open ones
 
 
@@ -96,8 +97,9 @@ def _loops(raw, below, lams, per_task, lam, agg, out, scratch, positions, if_neg
         _trim(raw, j0, j1, below, scratch)
         if per_task:
             scale_rows(scratch, raw.shape[0] - 1, j1 - j0, lams)
-        signs += _elect_and_merge(raw, j0, j1, scratch, per_task, lam, agg, out)
-        opened = _open_entries(raw, j0, j1, scratch, per_task, lam, agg, positions, if_negative, if_zero, opened)
+        signs += _elect_and_merge(raw, j0, j1, scratch, lams, per_task, lam, agg, out)
+        opened = _open_entries(raw, j0, j1, scratch, lams, per_task, lam, agg, positions, if_negative, if_zero,
+                               opened)
     return signs, opened
 
 
@@ -114,15 +116,17 @@ def _dare_loops(raw, draws, threshold, keep_scale, lams, per_task, lam, agg, out
         drop_rows(raw, j0, j1, draws, threshold, keep_scale, scratch)
         if per_task:
             scale_rows(scratch, raw.shape[0] - 1, j1 - j0, lams)
-        signs += _elect_and_merge(raw, j0, j1, scratch, per_task, lam, agg, out)
-        opened = _open_entries(raw, j0, j1, scratch, per_task, lam, agg, positions, if_negative, if_zero, opened)
+        signs += _elect_and_merge(raw, j0, j1, scratch, lams, per_task, lam, agg, out)
+        opened = _open_entries(raw, j0, j1, scratch, lams, per_task, lam, agg, positions, if_negative, if_zero,
+                               opened)
     return signs, opened
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _elect_and_merge(raw, j0, j1, scratch, per_task, lam, agg, out):
+def _elect_and_merge(raw, j0, j1, scratch, lams, per_task, lam, agg, out):
     """From the tile's task vectors in scratch[:n]: elected signs, disjoint aggregate, merged
-    output out[j0:j1]. Leaves the signs in scratch[n] and tau in scratch[n + 1]."""
+    output out[j0:j1]. Leaves the signs in scratch[n] and tau in scratch[n + 1]. lams weigh the
+    agreeing count for "weighted_mean"."""
     n, w = scratch.shape[0] - 3, j1 - j0
     gamma, total, count = scratch[n, :w], scratch[n + 1, :w], scratch[n + 2, :w]
     sum_rows(scratch, n, w, gamma)  # summed in task order, like sum_over_tasks
@@ -134,7 +138,7 @@ def _elect_and_merge(raw, j0, j1, scratch, per_task, lam, agg, out):
     if agg == 2:
         _agreeing_max(scratch, n, w, gamma, total)
     else:
-        _agreeing_sum_and_count(scratch, n, w, gamma, total, count)
+        _agreeing_sum_and_count(scratch, n, w, gamma, lams, agg == 3, total, count)
     _write(raw[0, j0:j1], gamma, total, count, per_task, lam, agg, out[j0:j1])
     return np.int64(signs)
 
@@ -152,19 +156,20 @@ def _trim(raw, j0, j1, below, scratch):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _agreeing_sum_and_count(scratch, n, w, gamma, total, count):
-    """The agreeing values' sum and count, added in task order like sum_over_tasks."""
-    first = scratch[0, :w]
+def _agreeing_sum_and_count(scratch, n, w, gamma, lams, weighted, total, count):
+    """The agreeing values' sum and count (with `weighted`, the sum of their tasks' lams),
+    added in task order like sum_over_tasks. A weight of 1 multiplies exactly."""
+    first, weight = scratch[0, :w], lams[0] if weighted else np.float32(1.0)
     for j in range(w):
         a = _clamp_min_zero(first[j] * _vote(gamma[j]))
         total[j] = a
-        count[j] = _sign(a)
+        count[j] = _sign(a) * weight
     for i in range(1, n):
-        row = scratch[i, :w]
+        row, weight = scratch[i, :w], lams[i] if weighted else np.float32(1.0)
         for j in range(w):
             a = _clamp_min_zero(row[j] * _vote(gamma[j]))
             total[j] += a
-            count[j] += _sign(a)
+            count[j] += _sign(a) * weight
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -189,6 +194,10 @@ def _write(base, gamma, total, count, per_task, lam, agg, out):
         for j in range(gamma.shape[0]):
             c = count[j]
             total[j] = total[j] / (c if c > 1 else np.float32(1.0)) * _vote(gamma[j])
+    elif agg == 3:  # weighted mean: divide by the agreeing lams' sum, 1 where it is 0
+        for j in range(gamma.shape[0]):
+            c = count[j]
+            total[j] = total[j] / (c if c != 0 else np.float32(1.0)) * _vote(gamma[j])
     else:
         for j in range(gamma.shape[0]):
             total[j] = total[j] * _vote(gamma[j])
@@ -210,7 +219,7 @@ def _is_open(g, tau, base_value):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _open_entries(raw, j0, j1, scratch, per_task, lam, agg, positions, if_negative, if_zero, opened):
+def _open_entries(raw, j0, j1, scratch, lams, per_task, lam, agg, positions, if_negative, if_zero, opened):
     """Append the tile's open entries (see `_is_open`) after the first `opened`: their positions
     and merged float32 values for a whole-model majority of -1 and of 0, as `merge_elected`
     gives them. Returns the new count. Open entries are rare (~1 in 6,000 entries of random
@@ -230,25 +239,29 @@ def _open_entries(raw, j0, j1, scratch, per_task, lam, agg, positions, if_negati
         for p in range(b0, b1):
             if _is_open(gamma[p], total[p], base[p]):
                 positions[opened] = j0 + p
-                if_negative[opened], if_zero[opened] = _open_values(scratch, n, p, load(base[p]), per_task,
-                                                                    lam, agg)
+                if_negative[opened], if_zero[opened] = _open_values(scratch, n, p, load(base[p]), lams,
+                                                                    per_task, lam, agg)
                 opened += 1
     return opened
 
 
 @njit(inline="always")
-def _open_values(scratch, n, p, b, per_task, lam, agg):
+def _open_values(scratch, n, p, b, lams, per_task, lam, agg):
     """Entry p's merged values for a majority of -1 and of 0: both vote -1 there, and with "max"
     a majority of 0 scales by gamma (0) instead of the vote."""
+    weighted = agg == 3
     a = _clamp_min_zero(scratch[0, p] * np.float32(-1.0))
-    tau, agreeing, best = a, _sign(a), a  # max(-inf, a) is a
+    tau, agreeing, best = a, _sign(a) * (lams[0] if weighted else np.float32(1.0)), a  # max(-inf, a) is a
     for i in range(1, n):
         a = _clamp_min_zero(scratch[i, p] * np.float32(-1.0))
         tau += a
-        agreeing += _sign(a)
+        agreeing += _sign(a) * (lams[i] if weighted else np.float32(1.0))
         best = best if best > a else a
     if agg == 0:
         negative = tau / (agreeing if agreeing > 1 else np.float32(1.0)) * np.float32(-1.0)
+        zero = negative
+    elif agg == 3:
+        negative = tau / (agreeing if agreeing != 0 else np.float32(1.0)) * np.float32(-1.0)
         zero = negative
     elif agg == 1:
         negative = tau * np.float32(-1.0)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mergeflow.methods.base import (
     CpuKernel,
@@ -38,6 +37,8 @@ from mergeflow.methods.base import (
 )
 from mergeflow.methods.registry import register
 from mergeflow.methods.ties import (
+    Agg,
+    check_weighted_mean,
     kernel_provisional,
     majority_sign,
     merge_elected,
@@ -64,7 +65,12 @@ class DareParams(Hyperparams):
 
 
 class DareTiesParams(DareParams):
-    agg: Literal["mean", "sum", "max"] = Field("sum", description="disjoint aggregation after the drop")
+    agg: Agg = Field("sum", description="disjoint aggregation after the drop (weighted_mean: see ties)")
+
+    @model_validator(mode="after")
+    def _weighted_mean_needs_lams(self) -> DareTiesParams:
+        check_weighted_mean(self.agg, self.lam)
+        return self
 
 
 def _block_seed(seed: int, name: str, task: int, block: int) -> int:

@@ -17,7 +17,8 @@ For each task vector tau_i (float tensors only, computed in float32):
    sign sign(sum_j gamma_j) over the whole model (all float tensors).
 3. Disjoint aggregation over the entries that agree with gamma_j and are non-zero:
    "mean" divides by their count (clamped to 1), "sum" adds them, "max" takes the largest
-   magnitude times gamma_j.
+   magnitude times gamma_j, "weighted_mean" (per-task lam only: mergekit's `normalize` with
+   unequal weights) divides by the sum of the agreeing entries' lam_i (1 where that is 0).
 4. theta = theta_0 + lam * tau_m.
 
 Per-task coefficients: `lam` may be a list with one value per fine-tuned model. Then task i's
@@ -34,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mergeflow.methods.base import (
     CpuKernel,
@@ -55,7 +56,7 @@ from mergeflow.methods.registry import register
 
 PAPER = "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023"
 
-Agg = Literal["mean", "sum", "max"]
+Agg = Literal["mean", "sum", "max", "weighted_mean"]
 
 
 class TiesParams(Hyperparams):
@@ -63,7 +64,8 @@ class TiesParams(Hyperparams):
     lam: float | list[float] = Field(
         1.0, description="scale of the merged task vector, or one coefficient per task (applied "
         "to the trimmed task vectors before sign election)")
-    agg: Agg = Field("mean", description="disjoint aggregation: mean, sum or max")
+    agg: Agg = Field("mean", description="disjoint aggregation: mean, sum, max, or weighted_mean "
+                     "(divides by the agreeing entries' per-task lams; needs lam as a list)")
     trim_scope: Literal["global", "tensor"] = Field(
         "global", description="global: top-k over each task's whole model (official); "
         "tensor: top int(k*numel) per tensor (mergekit)")
@@ -75,6 +77,18 @@ class TiesParams(Hyperparams):
         if isinstance(v, list) and not v:
             raise ValueError("lam as a list needs one value per fine-tuned model")
         return v
+
+    @model_validator(mode="after")
+    def _weighted_mean_needs_lams(self) -> TiesParams:
+        check_weighted_mean(self.agg, self.lam)
+        return self
+
+
+def check_weighted_mean(agg: str, lam: float | list[float]) -> None:
+    """agg="weighted_mean" divides by the agreeing entries' per-task lams: it needs a list."""
+    if agg == "weighted_mean" and not isinstance(lam, list):
+        raise ValueError("agg='weighted_mean' divides by the per-task lams of the agreeing entries; give lam "
+                         "as a list (one per model), or use agg='mean' with a single lam")
 
 
 # ---- shared building blocks (DARE-TIES reuses the election and aggregation) ----
@@ -135,7 +149,8 @@ def _vote(gamma: torch.Tensor, majority_sign: float) -> torch.Tensor:
     return gamma.add(0.5 if majority_sign > 0 else -0.5).sign_()
 
 
-def elect_and_aggregate(trimmed: torch.Tensor, agg: str, majority_sign: float) -> torch.Tensor:
+def elect_and_aggregate(trimmed: torch.Tensor, agg: str, majority_sign: float,
+                        lam: float | list[float] = 1.0) -> torch.Tensor:
     """Steps 2 and 3: the elected sign and the disjoint aggregate tau_m, shape trimmed.shape[1:].
 
     `majority_sign` (+1, 0 or -1) is sign(sum_j gamma_j) over the whole model. The official rule,
@@ -147,22 +162,28 @@ def elect_and_aggregate(trimmed: torch.Tensor, agg: str, majority_sign: float) -
     masked_fill) than on float arithmetic.
     """
     gamma = elected_sign(trimmed)
-    return _aggregate(trimmed, gamma, _vote(gamma, majority_sign), agg, majority_sign)
+    return _aggregate(trimmed, gamma, _vote(gamma, majority_sign), agg, majority_sign, lam)
 
 
 def _aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, vote: torch.Tensor, agg: str,
-               majority_sign: float) -> torch.Tensor:
+               majority_sign: float, lam: float | list[float]) -> torch.Tensor:
     agreeing = (trimmed * vote).clamp_min_(0.0)
     if agg == "mean":
         total = sum_over_tasks(agreeing)
         count = sum_over_tasks(agreeing.sign_())  # agreeing entries are non-zero by construction
         return total.div_(count.clamp_(min=1.0)).mul_(vote)
+    if agg == "weighted_mean":  # mergekit: sum(w * t * mask) / sum(w * mask), a zero divisor as 1
+        check_weighted_mean(agg, lam)
+        total = sum_over_tasks(agreeing)
+        weights = torch.tensor(lam, dtype=agreeing.dtype, device=agreeing.device)
+        divisor = sum_over_tasks(agreeing.sign_().mul_(weights.reshape((-1,) + (1,) * (agreeing.dim() - 1))))
+        return total.div_(divisor.masked_fill_(divisor == 0, 1.0)).mul_(vote)
     if agg == "sum":
         return sum_over_tasks(agreeing).mul_(vote)
     if agg == "max":  # the largest agreeing magnitude times gamma (0 stays 0 if the majority is 0)
         # abs_: the official |selected|.max() is +0.0 where nothing agrees (agreeing may hold -0.0)
         return agreeing.amax(dim=0).abs_().mul_(vote if majority_sign != 0 else gamma)
-    raise ValueError(f"unknown agg {agg!r}; use mean, sum or max")
+    raise ValueError(f"unknown agg {agg!r}; use mean, sum, max or weighted_mean")
 
 
 def majority_sign(sign_sum: torch.Tensor) -> float:
@@ -173,7 +194,7 @@ def majority_sign(sign_sum: torch.Tensor) -> float:
 def merge_elected(base: torch.Tensor, trimmed: torch.Tensor, agg: str, lam: float | list[float],
                   majority: float) -> torch.Tensor:
     """theta = theta_0 + lam * tau_m, given the whole model's majority sign."""
-    return combine(base, elect_and_aggregate(trimmed, agg, majority), lam)
+    return combine(base, elect_and_aggregate(trimmed, agg, majority, lam), lam)
 
 
 def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: str,
@@ -190,7 +211,7 @@ def merge_elected_provisional(base: torch.Tensor, trimmed: torch.Tensor, agg: st
     gamma = elected_sign(trimmed)
     partial = gamma.sum(dtype=torch.float64).to(torch.int64).reshape(1)
     vote = _vote(gamma, 1.0)
-    tau = _aggregate(trimmed, gamma, vote, agg, 1.0)
+    tau = _aggregate(trimmed, gamma, vote, agg, 1.0, lam)
     # vote - gamma is 1 where gamma = 0, else 0; there tau >= 0 (a vote of +1), so the dot
     # product is positive exactly when some entry is open (a sum of non-negative values).
     zero = vote.sub_(gamma).reshape(-1)
