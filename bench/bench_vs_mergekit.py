@@ -33,21 +33,26 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RECIPES = {  # mergekit's own parameter names; weight 1.0, mergekit's default normalize: true
-    "task_arithmetic": {"weight": 1.0, "lambda": 0.3},
-    "ties": {"weight": 1.0, "density": 0.2},
-    "dare_ties": {"weight": 1.0, "density": 0.1},
+# case -> (merge_method, per-model parameters in mergekit's names, lambda or None); mergekit's
+# default normalize (true for ties). "weight" may be a list: one per model, repeated as needed.
+RECIPES = {
+    "task_arithmetic": ("task_arithmetic", {"weight": 1.0}, 0.3),
+    "ties": ("ties", {"weight": 1.0, "density": 0.2}, None),
+    "ties/weighted": ("ties", {"weight": [0.6, 0.3, 0.1], "density": 0.2}, None),  # a weighted mean
+    "dare_ties": ("dare_ties", {"weight": 1.0, "density": 0.1}, None),
 }
-COMPARED = {"task_arithmetic", "ties"}  # deterministic in both tools
+COMPARED = {"task_arithmetic", "ties", "ties/weighted"}  # deterministic in both tools
 
 
-def recipe(method: str, root: Path, models: int, dtype: str) -> str:
+def recipe(case: str, root: Path, models: int, dtype: str) -> str:
+    method, params, lam = RECIPES[case]
     lines = [f"merge_method: {method}", f"base_model: {root / 'base'}", f"dtype: {dtype}", "models:"]
     for i in range(models):
-        params = ", ".join(f"{k}: {v}" for k, v in RECIPES[method].items() if k != "lambda")
-        lines += [f"  - model: {root / f'ft{i}'}", f"    parameters: {{{params}}}"]
-    if "lambda" in RECIPES[method]:
-        lines += ["parameters:", f"  lambda: {RECIPES[method]['lambda']}"]
+        values = {k: (v[i % len(v)] if isinstance(v, list) else v) for k, v in params.items()}
+        listed = ", ".join(f"{k}: {v}" for k, v in values.items())
+        lines += [f"  - model: {root / f'ft{i}'}", f"    parameters: {{{listed}}}"]
+    if lam is not None:
+        lines += ["parameters:", f"  lambda: {lam}"]
     return "\n".join(lines) + "\n"
 
 
@@ -115,14 +120,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
         work = Path(tmp)
-        for method in a.methods.split(","):
-            path = work / f"{method}.yml"
-            path.write_text(recipe(method, root, a.models, a.dtype))
-            mk, mf = work / f"mk_{method}", work / f"mf_{method}"
+        for case in a.methods.split(","):
+            if case not in RECIPES:
+                raise SystemExit(f"unknown case {case!r}; choose from {', '.join(RECIPES)}")
+            name = case.replace("/", "_")
+            path = work / f"{name}.yml"
+            path.write_text(recipe(case, root, a.models, a.dtype))
+            mk, mf = work / f"mk_{name}", work / f"mf_{name}"
             t_mk = timed([a.mergekit, str(path), str(mk), "--no-cuda", "--quiet"])
             t_mf = timed([*mergeflow, "merge", str(path), "--out", str(mf)])
-            row = {"method": method, "mergekit": t_mk, "mergeflow": t_mf}
-            if method in COMPARED:
+            row = {"method": case, "mergekit": t_mk, "mergeflow": t_mf}
+            if case in COMPARED:
                 row["outputs"] = compare(mk, mf)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
