@@ -68,7 +68,7 @@ class TiesParams(Hyperparams):
                      "(divides by the agreeing entries' per-task lams; needs lam as a list)")
     trim_scope: Literal["global", "tensor"] = Field(
         "global", description="global: top-k over each task's whole model (official); "
-        "tensor: top int(k*numel) per tensor (mergekit)")
+        "tensor: top max(1, int(k*numel)) per tensor for k > 0 (mergekit)")
     elect: Literal["mass"] = Field("mass", description="sign election: sign of the summed trimmed values")
 
     @field_validator("lam")
