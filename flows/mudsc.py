@@ -55,8 +55,8 @@ def mudsc_pipeline(store: str, family: str, dataset: str, methods: list[tuple[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.params import validate_params
     from mergeflow.mudsc.models import BACKBONES
+    from tasks.tracking import default_tracking_uri
 
     parser = argparse.ArgumentParser(description="MuDSC pipeline on one pair of models trained from "
                                                  "different initialisations: naive average, weight matching, "
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLflow tracking URI (default: the project's, sqlite:///<cwd>/mlflow.db, as "
                              "`mergeflow run`; env MLFLOW_TRACKING_URI overrides)")
     args = parser.parse_args(argv)
-    tracking_uri = args.tracking_uri or validate_params({}).tracking_uri()
+    tracking_uri = args.tracking_uri or default_tracking_uri(".")
     mudsc_pipeline(args.store, args.family, args.dataset, images=args.images, tracking_uri=tracking_uri)
     return 0
 

@@ -144,11 +144,11 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
             raise fail(f"models[*].parameters.weight: unequal weights {weights} for linear are not "
                        "supported; use equal weights (mergeflow's average)")
         return _linear(out, models, weights[0], normalize, lam, fail)
-    agg = "mean" if normalize else "sum"
+    lam_value: float | list[float]
     if normalize and not equal:
-        lam_value, agg = _weighted_lams(method, weights, lam, fail), "weighted_mean"
+        lam_value = _weighted_lams(method, weights, lam, fail)
     elif normalize:
-        lam_value: float | list[float] = _normalized_lam(method, weights[0], len(models), lam)
+        lam_value = _normalized_lam(method, weights[0], len(models), lam)
     else:
         per_task = [w * lam for w in weights]
         lam_value = per_task[0] if equal else per_task
@@ -157,6 +157,8 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
     if method == "dare_linear":
         return {**out, "method": "dare", "models": models,
                 "hyperparameters": {"p": 1.0 - density, "lam": lam_value}}
+    # the consensus methods' aggregation (mergekit divides by the agreeing entries' weights)
+    agg = ("mean" if equal else "weighted_mean") if normalize else "sum"
     if method == "ties":
         return {**out, "method": "ties", "models": models, "hyperparameters": {
             "k": density, "lam": lam_value, "agg": agg, "trim_scope": "tensor"}}

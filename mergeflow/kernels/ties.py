@@ -53,7 +53,7 @@ def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: f
     """
     t = thresholds.to(torch.float32).reshape(-1).numpy()
     below = np.nextafter(t, np.float32(-np.inf)).astype(np.float32)  # |d| >= t is |d| > below
-    return _merged(raw, out, lam, agg, _loops, below)
+    return _merged(raw, out, lam, agg, False, below, _NO_DRAWS, np.uint32(0), np.float32(0.0))
 
 
 def dare_ties_merge(raw: torch.Tensor, out: torch.Tensor, draws: np.ndarray, threshold: int, p: float,
@@ -61,31 +61,43 @@ def dare_ties_merge(raw: torch.Tensor, out: torch.Tensor, draws: np.ndarray, thr
     """`merge` with DARE's drop instead of the trim: entry j of task i is kept where
     draws[i, j] >= threshold (dare.keep_mask's rule), then rescaled by 1 / (1 - p)."""
     keep_scale = np.float32(0.0 if p == 0.0 else 1.0 - p)
-    return _merged(raw, out, lam, agg, _dare_loops, draws, np.uint32(threshold), keep_scale)
+    return _merged(raw, out, lam, agg, True, _NO_BELOW, draws, np.uint32(threshold), keep_scale)
 
 
-def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg: str, loops, *stage_args):
-    """Run `loops(stored, *stage_args, lams, per_task, lam, agg, out, scratch, positions,
-    if_negative, if_zero)` (the TIES or DARE-TIES kernel); return its signs and open entries."""
+_NO_BELOW = np.empty(0, dtype=np.float32)  # the first stage's arguments the other stage takes
+_NO_DRAWS = np.empty((0, 0), dtype=np.uint32)
+
+
+def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg: str, dare: bool,
+            below: np.ndarray, draws: np.ndarray, threshold: np.uint32, keep_scale: np.float32):
+    """Run `_loops` (TIES's trim, or DARE's drop with `dare`); return its signs and open entries."""
     n, m = raw.shape[0] - 1, raw.shape[1]
     per_task = isinstance(lam, list)
     lams = np.asarray(lam if per_task else [1.0] * n, dtype=np.float32)
+    # what each agreeing entry adds to the divisor: its task's lam for "weighted_mean", else 1
+    weights = lams if agg == "weighted_mean" else np.ones(n, dtype=np.float32)
     scratch = thread_scratch("ties_scratch", (n + 3, tile_columns(m)))
     positions = thread_scratch("ties_open_positions", (m,), np.int64)
     if_negative, if_zero = thread_scratch("ties_open_negative", (m,)), thread_scratch("ties_open_zero", (m,))
     stored, scale, code = storage_array(raw), np.float32(0.0 if per_task else lam), AGG_CODES[agg]
-    signs, opened = loops(stored, *stage_args, lams, per_task, scale, code, storage_array(out), scratch,
-                          positions, if_negative, if_zero)
+    signs, opened = _loops(stored, dare, below, draws, threshold, keep_scale, lams, per_task, scale, code, weights,
+                           storage_array(out), scratch, positions, if_negative, if_zero)
     return int(signs), positions[:opened].copy(), if_negative[:opened].copy(), if_zero[:opened].copy()
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _loops(raw, below, lams, per_task, lam, agg, out, scratch, positions, if_negative, if_zero):
-    """raw: (n + 1, m) stored values, base first; below: (n,) float32, the largest float32
-    under each task's threshold; lams: (n,) float32 per-task coefficients (used if per_task);
-    lam: float32 scale (used if not per_task); agg: AGG_CODES; out: (m,) storage; scratch:
-    (n + 3, tile) float32; positions, if_negative, if_zero: (m,), filled with the open entries
-    (see `_open_entries`).
+def _loops(raw, dare, below, draws, threshold, keep_scale, lams, per_task, lam, agg, weights, out, scratch,
+           positions, if_negative, if_zero):
+    """raw: (n + 1, m) stored values, base first. The first stage is TIES's trim, or with `dare`
+    DARE's drop:
+    - trim: below (n,) float32, the largest float32 under each task's threshold;
+    - drop: draws (n, m) uint32, the entries' random draws; an entry is kept where its draw >=
+      threshold, and the task vectors are multiplied by the 0/1 keep mask and divided by
+      keep_scale = 1 - p (not at all for p = 0).
+    lams: (n,) float32 per-task coefficients (used if per_task); lam: float32 scale (used if not
+    per_task); agg: AGG_CODES; weights: (n,) float32, each task's share of the agreeing count;
+    out: (m,) storage; scratch: (n + 3, tile) float32; positions, if_negative, if_zero: (m,),
+    filled with the open entries (see `_open_entries`).
 
     Returns the sum of the elected signs and the number of open entries. Works a tile of
     columns at a time (see rows.TILE).
@@ -94,39 +106,22 @@ def _loops(raw, below, lams, per_task, lam, agg, out, scratch, positions, if_neg
     signs, opened = np.int64(0), 0
     for j0 in range(0, m, tile):
         j1 = min(m, j0 + tile)
-        _trim(raw, j0, j1, below, scratch)
+        if dare:
+            drop_rows(raw, j0, j1, draws, threshold, keep_scale, scratch)
+        else:
+            _trim(raw, j0, j1, below, scratch)
         if per_task:
             scale_rows(scratch, raw.shape[0] - 1, j1 - j0, lams)
-        signs += _elect_and_merge(raw, j0, j1, scratch, lams, per_task, lam, agg, out)
-        opened = _open_entries(raw, j0, j1, scratch, lams, per_task, lam, agg, positions, if_negative, if_zero,
+        signs += _elect_and_merge(raw, j0, j1, scratch, weights, per_task, lam, agg, out)
+        opened = _open_entries(raw, j0, j1, scratch, weights, per_task, lam, agg, positions, if_negative, if_zero,
                                opened)
     return signs, opened
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _dare_loops(raw, draws, threshold, keep_scale, lams, per_task, lam, agg, out, scratch, positions,
-                if_negative, if_zero):
-    """`_loops` with DARE's drop instead of the trim: draws (n, m) uint32 are the entries'
-    random draws, an entry is kept where its draw >= threshold, and the task vectors are
-    multiplied by the 0/1 keep mask and divided by keep_scale = 1 - p (not at all for p = 0)."""
-    m, tile = raw.shape[1], scratch.shape[1]
-    signs, opened = np.int64(0), 0
-    for j0 in range(0, m, tile):
-        j1 = min(m, j0 + tile)
-        drop_rows(raw, j0, j1, draws, threshold, keep_scale, scratch)
-        if per_task:
-            scale_rows(scratch, raw.shape[0] - 1, j1 - j0, lams)
-        signs += _elect_and_merge(raw, j0, j1, scratch, lams, per_task, lam, agg, out)
-        opened = _open_entries(raw, j0, j1, scratch, lams, per_task, lam, agg, positions, if_negative, if_zero,
-                               opened)
-    return signs, opened
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
-def _elect_and_merge(raw, j0, j1, scratch, lams, per_task, lam, agg, out):
+def _elect_and_merge(raw, j0, j1, scratch, weights, per_task, lam, agg, out):
     """From the tile's task vectors in scratch[:n]: elected signs, disjoint aggregate, merged
-    output out[j0:j1]. Leaves the signs in scratch[n] and tau in scratch[n + 1]. lams weigh the
-    agreeing count for "weighted_mean"."""
+    output out[j0:j1]. Leaves the signs in scratch[n] and tau in scratch[n + 1]."""
     n, w = scratch.shape[0] - 3, j1 - j0
     gamma, total, count = scratch[n, :w], scratch[n + 1, :w], scratch[n + 2, :w]
     sum_rows(scratch, n, w, gamma)  # summed in task order, like sum_over_tasks
@@ -138,7 +133,7 @@ def _elect_and_merge(raw, j0, j1, scratch, lams, per_task, lam, agg, out):
     if agg == 2:
         _agreeing_max(scratch, n, w, gamma, total)
     else:
-        _agreeing_sum_and_count(scratch, n, w, gamma, lams, agg == 3, total, count)
+        _agreeing_sum_and_count(scratch, n, w, gamma, weights, total, count)
     _write(raw[0, j0:j1], gamma, total, count, per_task, lam, agg, out[j0:j1])
     return np.int64(signs)
 
@@ -156,16 +151,16 @@ def _trim(raw, j0, j1, below, scratch):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _agreeing_sum_and_count(scratch, n, w, gamma, lams, weighted, total, count):
-    """The agreeing values' sum and count (with `weighted`, the sum of their tasks' lams),
-    added in task order like sum_over_tasks. A weight of 1 multiplies exactly."""
-    first, weight = scratch[0, :w], lams[0] if weighted else np.float32(1.0)
+def _agreeing_sum_and_count(scratch, n, w, gamma, weights, total, count):
+    """The agreeing values' sum and weighted count (sum of their tasks' weights), added in task
+    order like sum_over_tasks. A weight of 1 multiplies exactly."""
+    first, weight = scratch[0, :w], weights[0]
     for j in range(w):
         a = _clamp_min_zero(first[j] * _vote(gamma[j]))
         total[j] = a
         count[j] = _sign(a) * weight
     for i in range(1, n):
-        row, weight = scratch[i, :w], lams[i] if weighted else np.float32(1.0)
+        row, weight = scratch[i, :w], weights[i]
         for j in range(w):
             a = _clamp_min_zero(row[j] * _vote(gamma[j]))
             total[j] += a
@@ -219,7 +214,7 @@ def _is_open(g, tau, base_value):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _open_entries(raw, j0, j1, scratch, lams, per_task, lam, agg, positions, if_negative, if_zero, opened):
+def _open_entries(raw, j0, j1, scratch, weights, per_task, lam, agg, positions, if_negative, if_zero, opened):
     """Append the tile's open entries (see `_is_open`) after the first `opened`: their positions
     and merged float32 values for a whole-model majority of -1 and of 0, as `merge_elected`
     gives them. Returns the new count. Open entries are rare (~1 in 6,000 entries of random
@@ -239,23 +234,22 @@ def _open_entries(raw, j0, j1, scratch, lams, per_task, lam, agg, positions, if_
         for p in range(b0, b1):
             if _is_open(gamma[p], total[p], base[p]):
                 positions[opened] = j0 + p
-                if_negative[opened], if_zero[opened] = _open_values(scratch, n, p, load(base[p]), lams,
+                if_negative[opened], if_zero[opened] = _open_values(scratch, n, p, load(base[p]), weights,
                                                                     per_task, lam, agg)
                 opened += 1
     return opened
 
 
 @njit(inline="always")
-def _open_values(scratch, n, p, b, lams, per_task, lam, agg):
+def _open_values(scratch, n, p, b, weights, per_task, lam, agg):
     """Entry p's merged values for a majority of -1 and of 0: both vote -1 there, and with "max"
     a majority of 0 scales by gamma (0) instead of the vote."""
-    weighted = agg == 3
     a = _clamp_min_zero(scratch[0, p] * np.float32(-1.0))
-    tau, agreeing, best = a, _sign(a) * (lams[0] if weighted else np.float32(1.0)), a  # max(-inf, a) is a
+    tau, agreeing, best = a, _sign(a) * weights[0], a  # max(-inf, a) is a
     for i in range(1, n):
         a = _clamp_min_zero(scratch[i, p] * np.float32(-1.0))
         tau += a
-        agreeing += _sign(a) * (lams[i] if weighted else np.float32(1.0))
+        agreeing += _sign(a) * weights[i]
         best = best if best > a else a
     if agg == 0:
         negative = tau / (agreeing if agreeing > 1 else np.float32(1.0)) * np.float32(-1.0)

@@ -16,7 +16,8 @@ import torch
 from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
-from mergeflow.kernels.storage import is_finite, load
+from mergeflow.kernels.rows import count_nonfinite
+from mergeflow.kernels.storage import load
 
 
 def abs_delta_windows(raw: torch.Tensor, windows: Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -27,35 +28,30 @@ def abs_delta_windows(raw: torch.Tensor, windows: Sequence[tuple[torch.Tensor, t
     input values are not finite.
 
     A sweep per window: one sweep that counts two windows (PCB's clip) measured no faster than
-    two, as its loop no longer vectorises as well; the inputs' finiteness is counted once."""
+    two, as its loop no longer vectorises as well; the inputs' finiteness is counted once, by
+    rows.count_nonfinite."""
     n, m = raw.shape[0] - 1, raw.shape[1]
     stored = storage_array(raw)
     values, inside = thread_scratch("window_values", (n, m)), thread_scratch("window_inside", (n, m), np.bool_)
-    results, nonfinite = [], 0
-    for k, (lo, hi) in enumerate(windows):
+    results = []
+    for lo, hi in windows:
         bounds = [np.ascontiguousarray(np.broadcast_to(b.to(torch.float32).numpy(), (n,))) for b in (lo, hi)]
         counts = np.zeros((3, n), dtype=np.int64)
-        nonfinite += int(_loops(stored, *bounds, counts, values, inside, k == 0))
+        _loops(stored, *bounds, counts, values, inside)
         # numpy's flatnonzero on a bool row is a SIMD scan, several times faster than a
         # compaction loop here: the window holds well under 1 % of the values
         results.append((counts, [torch.from_numpy(values[i][np.flatnonzero(inside[i])]) for i in range(n)]))
-    return results, nonfinite
+    return results, int(count_nonfinite(stored))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _loops(raw, lo, hi, counts, values, inside, check_finite):
+def _loops(raw, lo, hi, counts, values, inside):
     """raw: (n + 1, m) stored values, base first; lo, hi: (n,) float32 window bounds.
 
     Fills counts (3, n) int64 with the values below lo, equal to lo and equal to hi, values
     (n, m) float32 with |theta_i - theta_0| and inside (n, m) bool with lo < value < hi.
-    Returns how many stored values are not finite (0 unless `check_finite`).
     """
     n1, m = raw.shape
-    finite = np.int32(0)  # int32 counters vectorise best; a unit row is far below 2**31 values
-    for i in range(n1 if check_finite else 0):
-        row = raw[i]
-        for j in range(m):
-            finite += np.int32(is_finite(load(row[j])))
     base = raw[0]
     for i in range(n1 - 1):
         row, low, high, row_values, row_inside = raw[i + 1], lo[i], hi[i], values[i], inside[i]
@@ -69,4 +65,3 @@ def _loops(raw, lo, hi, counts, values, inside, check_finite):
             row_inside[j] = (a > low) & (a < high)
         counts[0, i], counts[1, i] = below, at_low
         counts[2, i] = at_high if low != high else 0  # lo == hi: the window's values count at lo
-    return (n1 * m - np.int64(finite)) if check_finite else np.int64(0)

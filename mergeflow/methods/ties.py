@@ -121,8 +121,12 @@ def scale_per_task(trimmed: torch.Tensor, lam: float | list[float]) -> torch.Ten
         return trimmed
     if len(lam) != trimmed.shape[0]:
         raise ValueError(f"lam has {len(lam)} values but there are {trimmed.shape[0]} fine-tuned models")
-    coeffs = torch.tensor(lam, dtype=trimmed.dtype, device=trimmed.device)
-    return trimmed * coeffs.reshape((-1,) + (1,) * (trimmed.dim() - 1))
+    return trimmed * _task_column(lam, trimmed)
+
+
+def _task_column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """One value per task, shaped to broadcast over `like` (tasks first), in its dtype and device."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
 def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
@@ -173,10 +177,8 @@ def _aggregate(trimmed: torch.Tensor, gamma: torch.Tensor, vote: torch.Tensor, a
         count = sum_over_tasks(agreeing.sign_())  # agreeing entries are non-zero by construction
         return total.div_(count.clamp_(min=1.0)).mul_(vote)
     if agg == "weighted_mean":  # mergekit: sum(w * t * mask) / sum(w * mask), a zero divisor as 1
-        check_weighted_mean(agg, lam)
-        total = sum_over_tasks(agreeing)
-        weights = torch.tensor(lam, dtype=agreeing.dtype, device=agreeing.device)
-        divisor = sum_over_tasks(agreeing.sign_().mul_(weights.reshape((-1,) + (1,) * (agreeing.dim() - 1))))
+        total = sum_over_tasks(agreeing)  # lam is a list: TiesParams / DareTiesParams check it
+        divisor = sum_over_tasks(agreeing.sign_().mul_(_task_column(lam, agreeing)))
         return total.div_(divisor.masked_fill_(divisor == 0, 1.0)).mul_(vote)
     if agg == "sum":
         return sum_over_tasks(agreeing).mul_(vote)
