@@ -7,7 +7,7 @@ import torch
 
 import mergeflow
 from mergeflow.methods.base import TensorGroup
-from mergeflow.methods.dare import MASK_BLOCK, DareParams, drop_and_rescale, keep_mask
+from mergeflow.methods.dare import WORDS_PER_BLOCK, DareParams, drop_and_rescale, keep_mask
 
 
 def _ones_model(n: int = 4000) -> tuple[dict, list[dict]]:
@@ -55,9 +55,10 @@ def test_mask_depends_on_tensor_name_and_task_not_on_order_or_other_tensors():
 
 
 def test_mask_of_any_row_range_equals_the_slice_of_the_whole_mask():
-    total = MASK_BLOCK + 5000  # crosses a block boundary
+    block = 2 * WORDS_PER_BLOCK  # entries `draws` computes at a time
+    total = 2 * block + 5000
     whole = keep_mask(5, "layer.weight", 1, total, 0, total, 0.3)
-    for start, count in [(0, 10), (MASK_BLOCK - 7, 20), (1234, MASK_BLOCK), (total - 3, 3)]:
+    for start, count in [(0, 10), (1, 1), (block - 7, 20), (1233, block + 2), (total - 3, 3), (7, total - 7)]:
         part = keep_mask(5, "layer.weight", 1, total, start, count, 0.3)
         assert torch.equal(part, whole[start:start + count])
     # And through TensorGroup.offset, as the engine calls it on row chunks:
@@ -67,18 +68,31 @@ def test_mask_of_any_row_range_equals_the_slice_of_the_whole_mask():
     assert torch.equal(chunk, full[:, 20:30])
 
 
-def test_mask_is_the_blocks_pcg64_draws_compared_with_p():
+def _splitmix64(key: int, k: int) -> int:
+    """Word k of the SplitMix64 stream seeded with `key`, in Python integers (the published
+    algorithm: state += golden ratio, then the output mix)."""
+    m = (1 << 64) - 1
+    z = (key + (k + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_mask_is_the_splitmix64_draws_compared_with_p():
     import numpy as np
 
-    from mergeflow.methods.dare import _block_seed
+    from mergeflow.methods.dare import mask_key
 
-    p, total = 0.3, MASK_BLOCK + 1000
-    mask = keep_mask(7, "w", 2, total, 0, total, p)
-    for block, size in [(0, MASK_BLOCK), (1, 1000)]:
-        words = np.random.PCG64(_block_seed(7, "w", 2, block)).random_raw((size + 1) // 2)
-        u = np.stack([words & 0xFFFFFFFF, words >> 32], axis=1).reshape(-1)[:size]  # low half first
-        expected = torch.from_numpy((u / 2.0**32 >= p).astype(np.float32))
-        assert torch.equal(mask[block * MASK_BLOCK: block * MASK_BLOCK + size], expected)
+    # The reference above is SplitMix64: its published first outputs for seed 0.
+    assert [_splitmix64(0, k) for k in range(3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    p, start, count = 0.3, 2 * WORDS_PER_BLOCK - 3, 11  # an odd start, across a block of `draws`
+    key = mask_key(7, "w", 2)
+    words = [_splitmix64(key, k) for k in range(start // 2, (start + count + 1) // 2)]
+    halves = [h for w in words for h in (w & 0xFFFFFFFF, w >> 32)]  # low half first
+    u = np.array(halves[start % 2: start % 2 + count], dtype=np.float64)
+    expected = torch.from_numpy((u / 2.0**32 >= p).astype(np.float32))
+    assert torch.equal(keep_mask(7, "w", 2, start + count, start, count, p), expected)
+    assert 0 < expected.sum() < count  # the case has both kept and dropped entries
     for p in (0.1, 0.5, 0.9):
         kept = keep_mask(1, "v", 0, 1 << 20, 0, 1 << 20, p).mean().item()
         assert abs(kept - (1 - p)) < 0.002  # 4+ standard errors at 1M draws

@@ -264,6 +264,20 @@ def test_merge_falls_back_to_the_torch_code_when_the_kernels_cannot_load(tmp_pat
     assert "fused CPU kernels are unavailable" in proc.stderr
 
 
+@pytest.mark.parametrize("start", [0, 1, 2, 65537])
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 1000])
+def test_kernel_draws_are_the_reference_draws(start, count):
+    # Any start, even or odd (a unit may begin at either half of a word), and any length.
+    import numpy as np
+
+    from mergeflow.kernels.draws import tile_draws
+    from mergeflow.methods.dare import draws, mask_key
+
+    words = np.full(count // 2 + 1, 0xAAAA, dtype=np.uint64)  # scratch left over from another tile
+    got = tile_draws(np.uint64(mask_key(3, "w", 1)), start, count, words)
+    assert np.array_equal(got, draws(3, "w", 1, start, count))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("p", [0.3, 0.9])
 @pytest.mark.parametrize("method", ["dare", "dare_ties"])

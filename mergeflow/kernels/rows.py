@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from mergeflow.kernels.draws import tile_draws
 from mergeflow.kernels.storage import is_finite, load
 
 TILE = 1 << 14  # columns; ~6 float32 rows of it (TIES over 3 tasks) and the inputs fit in L2
@@ -27,18 +28,24 @@ def tile_columns(m: int) -> int:
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def drop_rows(raw, j0, j1, draws, threshold, keep_scale, scratch):
+def drop_rows(raw, j0, j1, drop, scratch):
     """scratch[i, :j1 - j0] = (theta_i - theta_0) * keep_i / keep_scale over the columns
-    [j0, j1), as dare.drop_and_rescale does it (a dropped negative entry is -0.0);
-    keep_scale = 0 means p = 0: the deltas as they are."""
-    base = raw[0, j0:j1]
+    [j0, j1), as dare.drop_and_rescale does it (a dropped negative entry is -0.0).
+
+    drop = (keys, start, threshold, keep_scale, words): task i's entries draw from the stream
+    keyed keys[i] (uint64) at flat positions start + j (start: the unit's first entry in its
+    tensor), and are kept where their draw >= threshold (uint32); words is tile_draws' scratch.
+    keep_scale = 0 means p = 0: the deltas as they are, no draws."""
+    keys, start, threshold, keep_scale, words = drop
+    base, w = raw[0, j0:j1], j1 - j0
     for i in range(raw.shape[0] - 1):
-        row, t_row, row_draws = raw[i + 1, j0:j1], scratch[i, :j1 - j0], draws[i, j0:j1]
+        row, t_row = raw[i + 1, j0:j1], scratch[i, :w]
         if keep_scale == 0:
-            for j in range(row.shape[0]):
+            for j in range(w):
                 t_row[j] = load(row[j]) - load(base[j])
         else:
-            for j in range(row.shape[0]):
+            row_draws = tile_draws(keys[i], start + j0, w, words)
+            for j in range(w):
                 keep = np.float32(row_draws[j] >= threshold)
                 t_row[j] = (load(row[j]) - load(base[j])) * keep / keep_scale
 

@@ -26,6 +26,7 @@ import torch
 from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
+from mergeflow.kernels.draws import NO_DROP, drop_arguments
 from mergeflow.kernels.rows import drop_rows, scale_rows, sum_rows, tile_columns
 from mergeflow.kernels.storage import is_negative_zero, load, store
 
@@ -53,23 +54,23 @@ def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: f
     """
     t = thresholds.to(torch.float32).reshape(-1).numpy()
     below = np.nextafter(t, np.float32(-np.inf)).astype(np.float32)  # |d| >= t is |d| > below
-    return _merged(raw, out, lam, agg, False, below, _NO_DRAWS, np.uint32(0), np.float32(0.0))
+    return _merged(raw, out, lam, agg, False, below, NO_DROP)
 
 
-def dare_ties_merge(raw: torch.Tensor, out: torch.Tensor, draws: np.ndarray, threshold: int, p: float,
+def dare_ties_merge(raw: torch.Tensor, out: torch.Tensor, keys: np.ndarray, start: int, threshold: int, p: float,
                     lam: float | list[float], agg: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """`merge` with DARE's drop instead of the trim: entry j of task i is kept where
-    draws[i, j] >= threshold (dare.keep_mask's rule), then rescaled by 1 / (1 - p)."""
-    keep_scale = np.float32(0.0 if p == 0.0 else 1.0 - p)
-    return _merged(raw, out, lam, agg, True, _NO_BELOW, draws, np.uint32(threshold), keep_scale)
+    """`merge` with DARE's drop instead of the trim: entry j of task i (flat position start + j
+    in its tensor) is kept where its draw from the stream keyed keys[i] is >= threshold
+    (dare.keep_mask's rule), then rescaled by 1 / (1 - p)."""
+    drop = drop_arguments(keys, start, threshold, p, tile_columns(raw.shape[1]))
+    return _merged(raw, out, lam, agg, True, _NO_BELOW, drop)
 
 
-_NO_BELOW = np.empty(0, dtype=np.float32)  # the first stage's arguments the other stage takes
-_NO_DRAWS = np.empty((0, 0), dtype=np.uint32)
+_NO_BELOW = np.empty(0, dtype=np.float32)  # the trim's argument, where the kernel drops instead
 
 
 def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg: str, dare: bool,
-            below: np.ndarray, draws: np.ndarray, threshold: np.uint32, keep_scale: np.float32):
+            below: np.ndarray, drop: tuple):
     """Run `_loops` (TIES's trim, or DARE's drop with `dare`); return its signs and open entries."""
     n, m = raw.shape[0] - 1, raw.shape[1]
     per_task = isinstance(lam, list)
@@ -80,20 +81,20 @@ def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg:
     positions = thread_scratch("ties_open_positions", (m,), np.int64)
     if_negative, if_zero = thread_scratch("ties_open_negative", (m,)), thread_scratch("ties_open_zero", (m,))
     stored, scale, code = storage_array(raw), np.float32(0.0 if per_task else lam), AGG_CODES[agg]
-    signs, opened = _loops(stored, dare, below, draws, threshold, keep_scale, lams, per_task, scale, code, weights,
-                           storage_array(out), scratch, positions, if_negative, if_zero)
+    signs, opened = _loops(stored, dare, below, drop, lams, per_task, scale, code, weights, storage_array(out),
+                           scratch, positions, if_negative, if_zero)
     return int(signs), positions[:opened].copy(), if_negative[:opened].copy(), if_zero[:opened].copy()
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _loops(raw, dare, below, draws, threshold, keep_scale, lams, per_task, lam, agg, weights, out, scratch,
-           positions, if_negative, if_zero):
+def _loops(raw, dare, below, drop, lams, per_task, lam, agg, weights, out, scratch, positions, if_negative,
+           if_zero):
     """raw: (n + 1, m) stored values, base first. The first stage is TIES's trim, or with `dare`
     DARE's drop:
     - trim: below (n,) float32, the largest float32 under each task's threshold;
-    - drop: draws (n, m) uint32, the entries' random draws; an entry is kept where its draw >=
-      threshold, and the task vectors are multiplied by the 0/1 keep mask and divided by
-      keep_scale = 1 - p (not at all for p = 0).
+    - drop: `drop`, rows.drop_rows' tuple (the tasks' draw keys, the unit's first flat entry,
+      the keep threshold, keep_scale = 1 - p, scratch); the task vectors are multiplied by the
+      0/1 keep mask and divided by keep_scale (not at all for p = 0).
     lams: (n,) float32 per-task coefficients (used if per_task); lam: float32 scale (used if not
     per_task); agg: AGG_CODES; weights: (n,) float32, each task's share of the agreeing count;
     out: (m,) storage; scratch: (n + 3, tile) float32; positions, if_negative, if_zero: (m,),
@@ -107,7 +108,7 @@ def _loops(raw, dare, below, draws, threshold, keep_scale, lams, per_task, lam, 
     for j0 in range(0, m, tile):
         j1 = min(m, j0 + tile)
         if dare:
-            drop_rows(raw, j0, j1, draws, threshold, keep_scale, scratch)
+            drop_rows(raw, j0, j1, drop, scratch)
         else:
             _trim(raw, j0, j1, below, scratch)
         if per_task:

@@ -8,11 +8,13 @@ tau~_i = (1 - m_i) * tau_i / (1 - p), m_i ~ Bernoulli(p) per entry, a fresh mask
   disjoint aggregation (`agg`, default "sum" as in mergekit / FusionBench), then lam (a list
   applies per task before the election, as in `ties`).
 
-Masks never depend on scheduling: the mask of task i in tensor `name` is drawn in fixed blocks of
-MASK_BLOCK entries of the flattened tensor, block b from a PCG64 stream seeded by
-sha256(seed, name, i, b) (`keep_mask`). The streaming engine may process any row range of a tensor
-(`TensorGroup.offset`) and gets the same mask as the in-memory path. Masks are drawn on the CPU
-(the same bits on every device) and moved to the group's device.
+Masks never depend on scheduling: entry j of task i's flattened tensor `name` draws the j-th
+32-bit half (low half first) of a SplitMix64 stream keyed by sha256(seed, name, i) (`draws`,
+`keep_mask`). SplitMix64's k-th word is a pure function of the key and k, so any range of entries
+is drawn directly, with no stream to advance: the streaming engine may process any row range of a
+tensor (`TensorGroup.offset`) and gets the same mask as the in-memory path, and its fused kernels
+(mergeflow.kernels.draws) compute the same words inline. Masks are drawn on the CPU (the same bits
+on every device) and moved to the group's device.
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ from mergeflow.methods.ties import (
 )
 
 PAPER = "Yu et al., Language Models are Super Mario (DARE), ICML 2024"
-MASK_BLOCK = 1 << 16  # entries per independently seeded block of a mask
+# SplitMix64 (Steele, Lea & Flood, 2014): word k of the stream keyed `key` is
+# mix(key + (k + 1) * GOLDEN); mix is its output function (Stafford's variant 13).
+SPLITMIX_GOLDEN = 0x9E3779B97F4A7C15
+SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9
+SPLITMIX_MUL2 = 0x94D049BB133111EB
+WORDS_PER_BLOCK = 1 << 15  # words drawn at a time by `draws` (256 KiB of uint64: stays in cache)
 
 
 class DareParams(Hyperparams):
@@ -73,9 +80,10 @@ class DareTiesParams(DareParams):
         return self
 
 
-def _block_seed(seed: int, name: str, task: int, block: int) -> int:
-    digest = hashlib.sha256(f"{seed}\0{name}\0{task}\0{block}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def mask_key(seed: int, name: str, task: int) -> int:
+    """The 64-bit SplitMix64 key of task `task`'s mask of tensor `name`."""
+    digest = hashlib.sha256(f"{seed}\0{name}\0{task}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def keep_mask(seed: int, name: str, task: int, numel_total: int, start: int, count: int, p: float,
@@ -100,21 +108,23 @@ def keep_threshold(p: float) -> int:
 
 def draws(seed: int, name: str, task: int, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
     """The uniform 32-bit draws (uint32) of entries [start, start + count) of task `task`'s
-    flattened tensor: entry j of a block of MASK_BLOCK entries takes the j-th little-endian half
-    of the block's PCG64 stream. Raw PCG64 words are ~3x faster to draw than torch.rand, and a
-    block's stream can be advanced to any entry, so a range starting mid-block draws only the
-    numbers it uses."""
+    flattened tensor: entry j takes half j % 2 (low half first) of word j // 2 of the SplitMix64
+    stream keyed mask_key(seed, name, task). Drawn WORDS_PER_BLOCK words at a time, in place."""
     out = np.empty(count, dtype=np.uint32) if out is None else out
-    pos = start
-    while pos < start + count:
-        block, within = divmod(pos, MASK_BLOCK)
-        take = min(MASK_BLOCK - within, start + count - pos)
-        words = np.random.PCG64(_block_seed(seed, name, task, block))
-        words.advance(within // 2)  # two draws per 64-bit word
-        skip = within % 2
-        raw = words.random_raw((skip + take + 1) // 2).astype("<u8", copy=False)
-        out[pos - start: pos - start + take] = raw.view("<u4")[skip: skip + take]
-        pos += take
+    key = np.uint64(mask_key(seed, name, task))
+    first, end = start // 2, (start + count + 1) // 2  # the words that hold the range
+    for w0 in range(first, end, WORDS_PER_BLOCK):
+        z = np.arange(w0 + 1, min(end, w0 + WORDS_PER_BLOCK) + 1, dtype=np.uint64)  # k + 1
+        z *= np.uint64(SPLITMIX_GOLDEN)
+        z += key
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(SPLITMIX_MUL1)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(SPLITMIX_MUL2)
+        z ^= z >> np.uint64(31)
+        halves = z.astype("<u8", copy=False).view("<u4")  # entries 2 * w0, 2 * w0 + 1, ...
+        lo, hi = max(start, 2 * w0), min(start + count, 2 * w0 + halves.size)
+        out[lo - start: hi - start] = halves[lo - 2 * w0: hi - 2 * w0]
     return out
 
 
@@ -130,15 +140,9 @@ def drop_and_rescale(group: TensorGroup, p: float, seed: int) -> torch.Tensor:
     return deltas.mul_(masks.reshape(deltas.shape).to(deltas.device)).div_(1.0 - p)  # deltas is fresh
 
 
-def _unit_draws(name: str, offset: int, n: int, m: int, params: DareParams) -> np.ndarray:
-    """The draws of a unit's m entries from flat `offset`, one row per task (a reused buffer)."""
-    from mergeflow.kernels import thread_scratch
-
-    words = thread_scratch("dare_draws", (n, m), np.uint32)
-    if params.p > 0.0:  # p = 0 keeps everything: no draws needed
-        for i in range(n):
-            draws(params.seed, name, i, offset, m, out=words[i])
-    return words
+def _mask_keys(name: str, n: int, params: DareParams) -> np.ndarray:
+    """The draw keys of tensor `name`'s n task masks, for the kernels (which draw inline)."""
+    return np.array([mask_key(params.seed, name, i) for i in range(n)], dtype=np.uint64)
 
 
 def _dare_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: DareParams,
@@ -146,8 +150,8 @@ def _dare_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor
     """`dare` in one kernel (mergeflow.kernels.dare), with the same draws as `keep_mask`."""
     from mergeflow.kernels import dare as kernel
 
-    words = _unit_draws(name, offset, raw.shape[0] - 1, raw.shape[1], params)
-    return kernel.merge(raw, out, words, keep_threshold(params.p), params.p, params.lam), None
+    keys = _mask_keys(name, raw.shape[0] - 1, params)
+    return kernel.merge(raw, out, keys, offset, keep_threshold(params.p), params.p, params.lam), None
 
 
 @register(
@@ -184,8 +188,9 @@ def _dare_ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.T
     from mergeflow.kernels import ties as kernel
     from mergeflow.kernels.rows import count_nonfinite
 
-    words = _unit_draws(name, offset, raw.shape[0] - 1, raw.shape[1], params)
-    result = kernel.dare_ties_merge(raw, out, words, keep_threshold(params.p), params.p, params.lam, params.agg)
+    keys = _mask_keys(name, raw.shape[0] - 1, params)
+    result = kernel.dare_ties_merge(raw, out, keys, offset, keep_threshold(params.p), params.p, params.lam,
+                                    params.agg)
     return kernel_provisional(int(count_nonfinite(storage_array(raw))), *result)
 
 
