@@ -532,3 +532,28 @@ def test_stays_in_page_cache_reads_the_free_memory():
 
     assert stays_in_page_cache(1 << 20)
     assert not stays_in_page_cache(1 << 60)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_writer_patch_overwrites_only_the_given_elements(tmp_path, dtype):
+    # How the engine writes the entries a fused last pass resolves: scattered, in any order.
+    from safetensors.torch import load_file
+
+    from mergeflow.engine.writer import StreamingCheckpointWriter
+
+    first, second = torch.arange(10, dtype=dtype), torch.arange(100, 130, dtype=dtype)
+    with StreamingCheckpointWriter(tmp_path / "out", max_shard_bytes=64) as writer:
+        writer.plan([("a", (10,), dtype), ("b", (5, 6), dtype)])
+        writer.write("a", 0, first)
+        writer.write("b", 0, second)
+        writer.patch("b", torch.tensor([29, 3, 17]), torch.tensor([-1.0, -2.0, -3.0]).to(dtype))
+        writer.patch("b", torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=dtype))  # nothing to do
+        with pytest.raises(ValueError, match="past the end of a"):
+            writer.patch("a", torch.tensor([10]), torch.tensor([0.0]).to(dtype))
+    loaded = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        loaded |= load_file(f)
+    expected = second.clone()
+    expected[[29, 3, 17]] = torch.tensor([-1.0, -2.0, -3.0]).to(dtype)
+    assert torch.equal(loaded["a"], first)
+    assert torch.equal(loaded["b"].reshape(-1), expected)

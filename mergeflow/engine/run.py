@@ -308,25 +308,21 @@ def _resolve_pending(writer: StreamingCheckpointWriter, pending: list[tuple[Unit
             continue
         values = values.to(dtype(unit.name)).reshape(-1)
         check_finite_output(method, unit.name, values)
-        positions = provisional.positions.to(torch.int64) + unit.offset
-        # one write per run of consecutive positions
-        breaks = (positions[1:] != positions[:-1] + 1).nonzero().squeeze(1) + 1
-        bounds = [0, *breaks.tolist(), positions.numel()]
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            writer.write(unit.name, int(positions[a]) * values.element_size(), values[a:b])
+        writer.patch(unit.name, provisional.positions.to(torch.int64) + unit.offset, values)
         changed = True
     return changed
 
 
 def _hash_written(writer: StreamingCheckpointWriter, names: list[str], dtype: Callable[[str], torch.dtype],
                   shape: Callable[[str], tuple[int, ...]]) -> str:
-    """hash_checkpoint's digest of what the writer holds (after entries were rewritten)."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(json.dumps([name, str(dtype(name)), list(shape(name))]).encode())
-        for block in writer.read_blocks(name):
-            digest.update(block)
-    return digest.hexdigest()
+    """hash_checkpoint's digest of what the writer holds (after entries were rewritten); the
+    next block is read while the last one is hashed."""
+    with BackgroundDigest(depth=2) as digest:
+        for name in names:
+            digest.update(json.dumps([name, str(dtype(name)), list(shape(name))]).encode())
+            for block in writer.read_blocks(name, block_bytes=16 << 20):
+                digest.update(block)
+        return digest.hexdigest()
 
 
 def _manifest(plan: MergePlan, stats: GlobalStats, hashes: list[str], output_hash: str,

@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mergeflow.checkpoint import _SAFETENSORS_DTYPES
@@ -91,6 +92,27 @@ class StreamingCheckpointWriter(CheckpointWriter):
         done = 0
         while done < len(view):
             done += os.pwrite(fd, view[done:], start + byte_offset + done)
+
+    def patch(self, name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the elements at `positions` (flat element indices in tensor `name`) with
+        `values` (same dtype as written): one read and one write of the span they cover.
+
+        The entries a fused last pass leaves open are scattered (TIES at 0.5B: ~800 in every
+        unit of 2**19 entries); a write per entry took 1.4 s for 170k entries, serially."""
+        if positions.numel() == 0:
+            return
+        fd, start, nbytes = self._where[name]
+        item = values.element_size()
+        first, last = int(positions.min()), int(positions.max())
+        if (last + 1) * item > nbytes:
+            raise ValueError(f"patch past the end of {name}")
+        span = np.frombuffer(bytearray(os.pread(fd, (last + 1 - first) * item, start + first * item)), np.uint8)
+        span = span.reshape(-1, item)
+        span[(positions - first).numpy()] = values.contiguous().reshape(-1).view(torch.uint8).reshape(-1, item).numpy()
+        view = memoryview(span.reshape(-1))
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], start + first * item + done)
 
     def read_blocks(self, name: str, block_bytes: int = 64 << 20):
         """The bytes written so far for tensor `name`, in blocks (to hash the output)."""
