@@ -483,6 +483,7 @@ def test_run_units_hints_every_unit_once_in_order_and_a_bounded_distance_ahead(z
     monkeypatch.setattr(engine_units, "READ_AHEAD_BYTES", ahead)
     events = []
     monkeypatch.setattr(plan, "prefetch", lambda unit: events.append(("hint", unit)))
+    monkeypatch.setattr(plan, "inputs_in_page_cache", lambda: False)  # as if just downloaded
     try:
         done = list(engine_units.run_units(plan, plan.units, lambda u: events.append(("work", u)) or u,
                                            2, False, "test"))
@@ -500,38 +501,79 @@ def test_run_units_hints_every_unit_once_in_order_and_a_bounded_distance_ahead(z
         assert sum(plan.unit_bytes(u) for u in plan.units[i + 1:hinted_by_then]) <= ahead + 4 * largest
 
 
+def _evict(paths) -> None:
+    """Drop the files from the page cache (written back first: dirty pages stay)."""
+    import os
+
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _input_files(zoo) -> list:
+    return [f for d in [zoo["base_dir"], *zoo["ft_dirs"]] for f in sorted(d.glob("*.safetensors"))]
+
+
+def test_page_cache_probe_tells_cached_inputs_from_ones_on_disk(zoo):
+    import os
+
+    from mergeflow.engine.plan import plan_merge
+
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no preadv2 RWF_NOWAIT here: the engine always asks for read-ahead")
+    files = _input_files(zoo)
+    for f in files:
+        f.read_bytes()
+    plan = plan_merge("task_arithmetic", zoo["base_dir"], zoo["ft_dirs"], {})
+    try:
+        assert plan.inputs_in_page_cache()
+        _evict(files[-1:])  # one shard of one model
+        if _resident_pages(files[-1], 0, files[-1].stat().st_size) > 0:
+            pytest.skip("the OS kept the pages despite POSIX_FADV_DONTNEED")
+        assert not plan.inputs_in_page_cache()
+        assert plan.base.in_page_cache()
+    finally:
+        plan.close()
+
+
 @pytest.mark.parametrize("cached", [True, False])
-def test_only_the_first_read_of_the_inputs_is_hinted_while_they_stay_cached(zoo, tmp_path, monkeypatch, cached):
-    # TIES reads every input twice (threshold pass, merge pass). The second read finds them in the
-    # page cache when they fit in half of the free memory, and hinting it again only costs CPU.
-    from mergeflow.engine import run, stat_passes, units
+def test_reads_are_hinted_only_while_the_inputs_are_not_in_the_page_cache(tmp_path, monkeypatch, cached):
+    # TIES reads every input more than once (sample, threshold pass, merge pass). Inputs on disk
+    # are hinted on the first read; later reads find them cached, and hinting them again costs
+    # CPU (and GIL switches) for nothing. 16 MiB per model: more than the OS reads ahead of the
+    # headers on its own.
+    import os
 
-    monkeypatch.setattr(units, "stays_in_page_cache", lambda nbytes: cached)
-    monkeypatch.setattr(run, "stays_in_page_cache", lambda nbytes: cached)
-    monkeypatch.setattr(stat_passes, "stays_in_page_cache", lambda nbytes: cached)
-    labels = []
-    real = units.run_units
+    from mergeflow.engine.plan import MergePlan
 
-    def recording(plan, todo, work, workers, progress, label, read_ahead=True):
-        labels.append((label, read_ahead))
-        return real(plan, todo, work, workers, progress, label, read_ahead)
-    monkeypatch.setattr(run, "run_units", recording)
-    monkeypatch.setattr(stat_passes, "run_units", recording)
-    merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", {"k": 0.2}, progress=False,
-                      input_hashes=["h"] * 4)
-    assert ("stat pass 1.1", True) in labels
-    assert ("merge", not cached) in labels
-    labels.clear()
-    merge_checkpoints("task_arithmetic", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "p", {}, progress=False,
-                      input_hashes=["h"] * 4)
-    assert labels == [("merge", True)]  # the only read: always hinted
-
-
-def test_stays_in_page_cache_reads_the_free_memory():
-    from mergeflow.engine.units import stays_in_page_cache
-
-    assert stays_in_page_cache(1 << 20)
-    assert not stays_in_page_cache(1 << 60)
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no preadv2 RWF_NOWAIT here: the engine always asks for read-ahead")
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(2048, 2048, generator=g)}
+    dirs = [_write(base, tmp_path / "base")]
+    dirs += [_write({"w": base["w"] + torch.randn(2048, 2048, generator=g)}, tmp_path / f"ft{i}") for i in range(2)]
+    files = [f for d in dirs for f in sorted(d.glob("*.safetensors"))]
+    if cached:
+        for f in files:
+            f.read_bytes()
+    else:
+        _evict(files)
+        if any(_resident_pages(f, 0, f.stat().st_size) > 0.01 for f in files):
+            pytest.skip("the OS kept the pages despite POSIX_FADV_DONTNEED")
+    hinted, probed = [], []
+    real_prefetch, real_probe = MergePlan.prefetch, MergePlan.inputs_in_page_cache
+    monkeypatch.setattr(MergePlan, "prefetch", lambda plan, unit: hinted.append(unit) or real_prefetch(plan, unit))
+    monkeypatch.setattr(MergePlan, "inputs_in_page_cache", lambda plan: probed.append(len(hinted)) or real_probe(plan))
+    merge_checkpoints("ties", dirs[0], dirs[1:], tmp_path / "o", {"k": 0.2}, progress=False, input_hashes=["h"] * 3)
+    assert len(probed) >= 2  # every read of the inputs probes first
+    if cached:
+        assert hinted == []
+    else:  # the first read is hinted, the last (the merge pass) is not
+        assert len(hinted) == probed[-1] > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -92,6 +92,10 @@ class MergePlan:
         for src in self.sources(unit):
             src.prefetch(unit.name, unit.row_start, unit.row_end)
 
+    def inputs_in_page_cache(self) -> bool:
+        """Whether every input checkpoint looks cached (TensorSource.in_page_cache)."""
+        return all(src.in_page_cache() for src in [self.base, *self.models])
+
     def close(self) -> None:
         for src in [self.base, *self.models]:
             src.close()

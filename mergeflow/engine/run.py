@@ -53,7 +53,6 @@ from mergeflow.engine.units import (
     prepare_kernels,
     read_group,
     run_units,
-    stays_in_page_cache,
     torch_threads,
     usable_cpus,
 )
@@ -231,10 +230,8 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
             BackgroundDigest() as digest:
         writer.plan([(k, shape(k), dtype(k)) for k in plan.names])
         partial_sum, pending = torch.zeros(1, dtype=torch.int64), []
-        # After a stat pass read every input, they are usually still cached: no read-ahead hints.
-        read_ahead = first_pass or not stays_in_page_cache(plan.input_bytes)
-        for unit, (out, provisional) in zip(plan.units, run_units(plan, plan.units, work, workers, progress, "merge",
-                                                                  read_ahead), strict=True):
+        for unit, (out, provisional) in zip(plan.units, run_units(plan, plan.units, work, workers, progress, "merge"),
+                                            strict=True):
             if unit.offset == 0:  # first piece of a tensor: hash_checkpoint's per-tensor header
                 digest.update(json.dumps([unit.name, str(dtype(unit.name)), list(shape(unit.name))]).encode())
             if out.numel():

@@ -15,7 +15,7 @@ import torch
 
 from mergeflow.engine.plan import MergePlan, Unit
 from mergeflow.engine.selection import DEFAULT_CAP, SAMPLE_TARGET, PassReduction
-from mergeflow.engine.units import kernel_input, read_group, run_units, stays_in_page_cache
+from mergeflow.engine.units import kernel_input, read_group, run_units
 from mergeflow.methods import GlobalStats, StatPass
 from mergeflow.methods.base import tensor_stat
 
@@ -34,11 +34,9 @@ def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = 
     stats: dict[str, torch.Tensor] = {}
     float_units = [u for u in plan.units if u.name in plan.float_names]
     checked = False  # the first pass that reads the inputs also checks them for NaN/inf
-    cached = stays_in_page_cache(plan.input_bytes)  # then reads after the first skip read-ahead hints
     for i, stat_pass in enumerate(separate_passes(plan)):
         if stat_pass.reductions(plan.params):
             stats.update(_run_stat_pass(plan, stat_pass, stats, float_units, check_finite=not checked,
-                                        inputs_cached=cached,
                                         workers=workers, progress=progress, label=f"stat pass {i + 1}",
                                         kth_cap=kth_cap, kth_sample=kth_sample))
             checked = True
@@ -46,7 +44,7 @@ def compute_global_stats(plan: MergePlan, *, workers: int = 2, progress: bool = 
 
 
 def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, units: list[Unit], *,
-                   check_finite: bool, inputs_cached: bool, workers: int, progress: bool, label: str, kth_cap: int,
+                   check_finite: bool, workers: int, progress: bool, label: str, kth_cap: int,
                    kth_sample: int) -> dict[str, torch.Tensor]:
     """One StatPass: its reductions over the whole model, or per tensor (Reduce scope "tensor").
 
@@ -86,11 +84,8 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
             return reductions[key(unit)].summarize(values)
 
         last = {key(u): u for u in todo}
-        # Only the first read of the inputs (the one that checks them) needs read-ahead hints
-        # while they stay in the page cache.
-        hints = (check_finite and round_no == 0) or not inputs_cached
-        for unit, partial in zip(todo, run_units(plan, todo, work, workers, progress, f"{label}.{round_no + 1}",
-                                                 hints), strict=True):
+        for unit, partial in zip(todo, run_units(plan, todo, work, workers, progress, f"{label}.{round_no + 1}"),
+                                 strict=True):
             k = key(unit)
             reductions[k].absorb(partial)
             if unit is last[k] and reductions[k].finish_round():  # done: free its kept values
