@@ -2,7 +2,7 @@
 
 Word k of the stream keyed `key` is a pure function of (key, k), so a kernel draws a tile's words
 where it needs them, with no stream to advance and no draws array to read: 0.28 ns per draw
-here, where the numpy reference takes ~1.5 ns. tests/test_kernels.py checks that both give the
+here, where the numpy reference (`dare.draws`) takes ~1.3 ns. tests/test_kernels.py checks that both give the
 same bits for any start and length.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from mergeflow.kernels import thread_scratch
 from mergeflow.methods.dare import SPLITMIX_GOLDEN, SPLITMIX_MUL1, SPLITMIX_MUL2
 
 _GOLDEN, _MUL1, _MUL2 = np.uint64(SPLITMIX_GOLDEN), np.uint64(SPLITMIX_MUL1), np.uint64(SPLITMIX_MUL2)
@@ -39,8 +40,6 @@ def drop_arguments(keys: np.ndarray, start: int, threshold: int, p: float, tile:
     """rows.drop_rows' `drop` tuple: the tasks' keys (uint64), the unit's first flat entry, the
     keep threshold, keep_scale = 1 - p (0 for p = 0: nothing is dropped) and this thread's
     scratch for the words of a tile of `tile` entries."""
-    from mergeflow.kernels import thread_scratch
-
     words = thread_scratch("dare_words", (tile // 2 + 1,), np.uint64)
     keep_scale = np.float32(0.0 if p == 0.0 else 1.0 - p)
     return keys.astype(np.uint64), np.int64(start), np.uint32(threshold), keep_scale, words
