@@ -198,9 +198,10 @@ def test_float16_inputs_take_the_torch_path_with_the_same_numbers(tmp_path):
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "dare_ties", "pcb"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_non_finite_bf16_input_is_refused_on_the_fused_path(tmp_path, method, bad):
+@pytest.mark.parametrize("where", ["base", "model"])
+def test_non_finite_bf16_input_is_refused_on_the_fused_path(tmp_path, method, bad, where):
     base, fts = _grid_models(2, torch.bfloat16)
-    fts[1]["proj"][3, 5] = bad
+    (base if where == "base" else fts[1])["proj"][3, 5] = bad
     dirs = _write_all(tmp_path, base, fts)
     with pytest.raises(NonFiniteInput, match="proj"):
         merge_checkpoints(method, dirs[0], dirs[1:], tmp_path / "o", {}, progress=False, input_hashes=["h"] * 3)

@@ -15,7 +15,7 @@ from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
 from mergeflow.kernels.draws import drop_arguments
-from mergeflow.kernels.rows import count_nonfinite, drop_rows, scale_rows, sum_rows, tile_columns
+from mergeflow.kernels.rows import drop_rows, scale_rows, sum_rows, tile_columns
 from mergeflow.kernels.storage import load, store
 
 
@@ -35,13 +35,14 @@ def merge(raw: torch.Tensor, out: torch.Tensor, keys: np.ndarray, start: int, th
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _loops(raw, drop, lams, per_task, lam, out, scratch):
-    """A tile of columns at a time (see rows.TILE); drop: rows.drop_rows' tuple. Returns
-    count_nonfinite(raw)."""
+    """A tile of columns at a time (see rows.TILE); drop: rows.drop_rows' tuple. Returns how
+    many of the stored values raw are not finite."""
     n, m, tile = raw.shape[0] - 1, raw.shape[1], scratch.shape[1]
+    finite = np.int64(0)
     for j0 in range(0, m, tile):
         j1 = min(m, j0 + tile)
         w = j1 - j0
-        drop_rows(raw, j0, j1, drop, scratch)
+        finite += drop_rows(raw, j0, j1, drop, scratch)
         if per_task:
             scale_rows(scratch, n, w, lams)
         total = scratch[n, :w]
@@ -55,4 +56,4 @@ def _loops(raw, drop, lams, per_task, lam, out, scratch):
             for j in range(w):
                 merged = load(base[j]) + lam * total[j]
                 store(tile_out, j, merged)
-    return count_nonfinite(raw)
+    return raw.shape[0] * m - finite

@@ -35,19 +35,30 @@ def drop_rows(raw, j0, j1, drop, scratch):
     drop = (keys, start, threshold, keep_scale, words): task i's entries draw from the stream
     keyed keys[i] (uint64) at flat positions start + j (start: the unit's first entry in its
     tensor), and are kept where their draw >= threshold (uint32); words is tile_draws' scratch.
-    keep_scale = 0 means p = 0: the deltas as they are, no draws."""
+    keep_scale = 0 means p = 0: the deltas as they are, no draws.
+
+    Returns how many of the tile's stored values (base and models) are finite: DARE's kernels
+    read the inputs only here, and counting on the way saves a pass over them."""
     keys, start, threshold, keep_scale, words = drop
     base, w = raw[0, j0:j1], j1 - j0
+    finite = np.int32(0)  # int32 vectorises; a tile has far fewer than 2**31 values
+    for j in range(w):
+        finite += np.int32(is_finite(load(base[j])))
     for i in range(raw.shape[0] - 1):
         row, t_row = raw[i + 1, j0:j1], scratch[i, :w]
         if keep_scale == 0:
             for j in range(w):
-                t_row[j] = load(row[j]) - load(base[j])
+                x = load(row[j])
+                t_row[j] = x - load(base[j])
+                finite += np.int32(is_finite(x))
         else:
             row_draws = tile_draws(keys[i], start + j0, w, words)
             for j in range(w):
+                x = load(row[j])
                 keep = np.float32(row_draws[j] >= threshold)
-                t_row[j] = (load(row[j]) - load(base[j])) * keep / keep_scale
+                t_row[j] = (x - load(base[j])) * keep / keep_scale
+                finite += np.int32(is_finite(x))
+    return np.int64(finite)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

@@ -45,12 +45,13 @@ def _clamp_min_zero(x):
 
 
 def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: float | list[float],
-          agg: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+          agg: str) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
     """TIES's trim, election (provisional majority +1) and disjoint aggregation into `out`.
 
-    `thresholds`: one |tau| threshold per task (entries at or above it are kept). Returns the
-    sum of the elected signs, the positions whose value depends on the whole model's majority
-    sign, and their merged float32 values for a majority of -1 and of 0.
+    `thresholds`: one |tau| threshold per task (entries at or above it are kept). Returns 0 (the
+    trim does not count non-finite inputs: the threshold pass before it checked them), the sum
+    of the elected signs, the positions whose value depends on the whole model's majority sign,
+    and their merged float32 values for a majority of -1 and of 0.
     """
     t = thresholds.to(torch.float32).reshape(-1).numpy()
     below = np.nextafter(t, np.float32(-np.inf)).astype(np.float32)  # |d| >= t is |d| > below
@@ -58,10 +59,11 @@ def merge(raw: torch.Tensor, out: torch.Tensor, thresholds: torch.Tensor, lam: f
 
 
 def dare_ties_merge(raw: torch.Tensor, out: torch.Tensor, keys: np.ndarray, start: int, threshold: int, p: float,
-                    lam: float | list[float], agg: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+                    lam: float | list[float], agg: str) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
     """`merge` with DARE's drop instead of the trim: entry j of task i (flat position start + j
     in its tensor) is kept where its draw from the stream keyed keys[i] is >= threshold
-    (dare.keep_mask's rule), then rescaled by 1 / (1 - p)."""
+    (dare.keep_mask's rule), then rescaled by 1 / (1 - p). The first number returned is how
+    many input values are not finite (this is dare_ties's only read of them)."""
     drop = drop_arguments(keys, start, threshold, p, tile_columns(raw.shape[1]))
     return _merged(raw, out, lam, agg, True, _NO_BELOW, drop)
 
@@ -71,7 +73,8 @@ _NO_BELOW = np.empty(0, dtype=np.float32)  # the trim's argument, where the kern
 
 def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg: str, dare: bool,
             below: np.ndarray, drop: tuple):
-    """Run `_loops` (TIES's trim, or DARE's drop with `dare`); return its signs and open entries."""
+    """Run `_loops` (TIES's trim, or DARE's drop with `dare`); return its non-finite count, signs
+    and open entries."""
     n, m = raw.shape[0] - 1, raw.shape[1]
     per_task = isinstance(lam, list)
     lams = np.asarray(lam if per_task else [1.0] * n, dtype=np.float32)
@@ -81,9 +84,10 @@ def _merged(raw: torch.Tensor, out: torch.Tensor, lam: float | list[float], agg:
     positions = thread_scratch("ties_open_positions", (m,), np.int64)
     if_negative, if_zero = thread_scratch("ties_open_negative", (m,)), thread_scratch("ties_open_zero", (m,))
     stored, scale, code = storage_array(raw), np.float32(0.0 if per_task else lam), AGG_CODES[agg]
-    signs, opened = _loops(stored, dare, below, drop, lams, per_task, scale, code, weights, storage_array(out),
-                           scratch, positions, if_negative, if_zero)
-    return int(signs), positions[:opened].copy(), if_negative[:opened].copy(), if_zero[:opened].copy()
+    nonfinite, signs, opened = _loops(stored, dare, below, drop, lams, per_task, scale, code, weights,
+                                      storage_array(out), scratch, positions, if_negative, if_zero)
+    return (int(nonfinite), int(signs), positions[:opened].copy(), if_negative[:opened].copy(),
+            if_zero[:opened].copy())
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -100,15 +104,16 @@ def _loops(raw, dare, below, drop, lams, per_task, lam, agg, weights, out, scrat
     out: (m,) storage; scratch: (n + 3, tile) float32; positions, if_negative, if_zero: (m,),
     filled with the open entries (see `_open_entries`).
 
-    Returns the sum of the elected signs and the number of open entries. Works a tile of
-    columns at a time (see rows.TILE).
+    Returns how many input values are not finite (counted by the drop only: 0 with the trim),
+    the sum of the elected signs and the number of open entries. Works a tile of columns at a
+    time (see rows.TILE).
     """
     m, tile = raw.shape[1], scratch.shape[1]
-    signs, opened = np.int64(0), 0
+    finite, signs, opened = np.int64(0), np.int64(0), 0
     for j0 in range(0, m, tile):
         j1 = min(m, j0 + tile)
         if dare:
-            drop_rows(raw, j0, j1, drop, scratch)
+            finite += drop_rows(raw, j0, j1, drop, scratch)
         else:
             _trim(raw, j0, j1, below, scratch)
         if per_task:
@@ -116,7 +121,7 @@ def _loops(raw, dare, below, drop, lams, per_task, lam, agg, weights, out, scrat
         signs += _elect_and_merge(raw, j0, j1, scratch, weights, per_task, lam, agg, out)
         opened = _open_entries(raw, j0, j1, scratch, weights, per_task, lam, agg, positions, if_negative, if_zero,
                                opened)
-    return signs, opened
+    return (raw.shape[0] * m - finite if dare else 0), signs, opened
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

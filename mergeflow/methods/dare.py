@@ -182,16 +182,13 @@ MAJORITY_PASS = StatPass(
 def _dare_ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: DareTiesParams,
                          stats: GlobalStats, candidates: torch.Tensor | None) -> tuple[int, Provisional]:
     """The fused last pass of dare_ties in one kernel (mergeflow.kernels.ties), with the same
-    draws as `keep_mask`; open entries included. It is dare_ties's only pass, so it also counts
-    the non-finite inputs."""
-    from mergeflow.kernels import storage_array
+    draws as `keep_mask`; open entries included. It is dare_ties's only pass, so the kernel
+    also counts the non-finite inputs."""
     from mergeflow.kernels import ties as kernel
-    from mergeflow.kernels.rows import count_nonfinite
 
     keys = _mask_keys(name, raw.shape[0] - 1, params)
-    result = kernel.dare_ties_merge(raw, out, keys, offset, keep_threshold(params.p), params.p, params.lam,
-                                    params.agg)
-    return kernel_provisional(int(count_nonfinite(storage_array(raw))), *result)
+    return kernel_provisional(*kernel.dare_ties_merge(raw, out, keys, offset, keep_threshold(params.p), params.p,
+                                                      params.lam, params.agg))
 
 
 @register(

@@ -307,8 +307,7 @@ def _ties_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor
 
     thresholds = (stats["ties_threshold"] if params.trim_scope == "global"
                   else stats[tensor_stat("ties_tensor_threshold", name)])
-    # the trim pass before it checked the inputs for NaN/inf: 0 non-finite here
-    return kernel_provisional(0, *kernel.merge(raw, out, thresholds, params.lam, params.agg))
+    return kernel_provisional(*kernel.merge(raw, out, thresholds, params.lam, params.agg))
 
 
 @register(
