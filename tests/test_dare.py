@@ -98,6 +98,21 @@ def test_mask_is_the_splitmix64_draws_compared_with_p():
         assert abs(kept - (1 - p)) < 0.002  # 4+ standard errors at 1M draws
 
 
+def test_masks_of_many_small_tensors_are_uniform_and_independent_between_tasks():
+    # Biases and norms are short, so their masks use only the first words of many streams:
+    # each position must still be uniform, and two tasks' masks of one tensor unrelated.
+    import numpy as np
+
+    from mergeflow.methods.dare import draws
+
+    n = 5000
+    first = np.stack([draws(0, f"layers.{i}.bias", 0, 0, 8) for i in range(n)]) / 2.0**32
+    second = np.stack([draws(0, f"layers.{i}.bias", 1, 0, 8) for i in range(n)]) / 2.0**32
+    standard_error = 1 / np.sqrt(12 * n)
+    assert np.all(np.abs(first.mean(axis=0) - 0.5) < 5 * standard_error)
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 5 / np.sqrt(first.size)
+
+
 def test_dare_ties_with_no_drop_is_ties_without_trim():
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(50, generator=g)}
