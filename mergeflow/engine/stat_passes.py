@@ -102,7 +102,7 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
 def _fused_window(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, unit: Unit,
                   check: bool) -> dict[str, object] | None:
     """The unit's partial results from the pass's fused CPU window kernel (StatPass.cpu_window),
-    or None where it does not apply: pending k-th values only (one kernel sweep for all of them:
+    or None where it does not apply: pending k-th values only (one kernel call for all of them:
     PCB's clip has two), each in window mode and marking nothing."""
     pending = reduction.pending()
     if stat_pass.cpu_window is None or not pending or any(name not in reduction.kth for name in pending):

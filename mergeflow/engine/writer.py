@@ -38,6 +38,13 @@ def _preallocate(fd: int, size: int) -> None:
         libc.fallocate(ctypes.c_int(fd), ctypes.c_int(0), ctypes.c_longlong(0), ctypes.c_longlong(size))
 
 
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """All of `view` at `offset` (pwrite may write less than asked)."""
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 class StreamingCheckpointWriter(CheckpointWriter):
     """`plan(entries)` once, then `write(name, byte_offset, data)` in any order, then commit."""
 
@@ -89,9 +96,7 @@ class StreamingCheckpointWriter(CheckpointWriter):
         view = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
         if byte_offset + len(view) > nbytes:
             raise ValueError(f"write past the end of {name}")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], start + byte_offset + done)
+        _pwrite_all(fd, view, start + byte_offset)
 
     def patch(self, name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the elements at `positions` (flat element indices in tensor `name`) with
@@ -109,10 +114,7 @@ class StreamingCheckpointWriter(CheckpointWriter):
         span = np.frombuffer(bytearray(os.pread(fd, (last + 1 - first) * item, start + first * item)), np.uint8)
         span = span.reshape(-1, item)
         span[(positions - first).numpy()] = values.contiguous().reshape(-1).view(torch.uint8).reshape(-1, item).numpy()
-        view = memoryview(span.reshape(-1))
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], start + first * item + done)
+        _pwrite_all(fd, memoryview(span.reshape(-1)), start + first * item)
 
     def read_blocks(self, name: str, block_bytes: int = 64 << 20):
         """The bytes written so far for tensor `name`, in blocks (to hash the output)."""

@@ -42,7 +42,7 @@ def drop_arguments(keys: np.ndarray, start: int, threshold: int, p: float, tile:
     scratch for the words of a tile of `tile` entries."""
     words = thread_scratch("dare_words", (tile // 2 + 1,), np.uint64)
     keep_scale = np.float32(0.0 if p == 0.0 else 1.0 - p)
-    return keys.astype(np.uint64), np.int64(start), np.uint32(threshold), keep_scale, words
+    return np.asarray(keys, dtype=np.uint64), np.int64(start), np.uint32(threshold), keep_scale, words
 
 
 # drop_rows' arguments where a kernel does not drop (TIES's trim): the same types, nothing drawn

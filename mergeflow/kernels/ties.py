@@ -191,14 +191,9 @@ def _agreeing_max(scratch, n, w, gamma, best):
 def _write(base, gamma, total, count, per_task, lam, agg, out):
     """tau, kept in `total`, and out = tau * lam + theta_0 (tau + theta_0 with per-task lam).
     One loop per case, so no loop has a branch LLVM would have to take out first."""
-    if agg == 0:  # mean: divide by the agreeing count, at least 1
+    if agg == 0 or agg == 3:  # (weighted) mean: divide by the agreeing weights' sum, 1 where it is 0
         for j in range(gamma.shape[0]):
-            c = count[j]
-            total[j] = total[j] / (c if c > 1 else np.float32(1.0)) * _vote(gamma[j])
-    elif agg == 3:  # weighted mean: divide by the agreeing lams' sum, 1 where it is 0
-        for j in range(gamma.shape[0]):
-            c = count[j]
-            total[j] = total[j] / (c if c != 0 else np.float32(1.0)) * _vote(gamma[j])
+            total[j] = total[j] / _divisor(count[j]) * _vote(gamma[j])
     else:
         for j in range(gamma.shape[0]):
             total[j] = total[j] * _vote(gamma[j])
@@ -257,11 +252,8 @@ def _open_values(scratch, n, p, b, weights, per_task, lam, agg):
         tau += a
         agreeing += _sign(a) * weights[i]
         best = best if best > a else a
-    if agg == 0:
-        negative = tau / (agreeing if agreeing > 1 else np.float32(1.0)) * np.float32(-1.0)
-        zero = negative
-    elif agg == 3:
-        negative = tau / (agreeing if agreeing != 0 else np.float32(1.0)) * np.float32(-1.0)
+    if agg == 0 or agg == 3:
+        negative = tau / _divisor(agreeing) * np.float32(-1.0)
         zero = negative
     elif agg == 1:
         negative = tau * np.float32(-1.0)
@@ -272,6 +264,13 @@ def _open_values(scratch, n, p, b, weights, per_task, lam, agg):
     if per_task:
         return negative + b, zero + b
     return negative * lam + b, zero * lam + b
+
+
+@njit(inline="always")
+def _divisor(count):
+    """The (weighted) mean's divisor: the agreeing entries' summed weights, 1 where that is 0.
+    For "mean" the weights are 1, so this is torch's clamp of the count to at least 1."""
+    return count if count != 0 else np.float32(1.0)
 
 
 @njit(inline="always")

@@ -204,7 +204,7 @@ class StatPass:
     # Optional: cpu_window(raw, [(lo, hi), ...]) -> ([(counts (3, rows), kept values per row)
     # per window], non-finite input count): what `selection._window_cpu` gives for each window
     # on this pass's one k-th value source, computed from the stacked stored values raw
-    # (n + 1, m) (base first) in one sweep.
+    # (n + 1, m) (base first), in one call for all the windows.
     cpu_window: Callable[[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]],
                          tuple[list[tuple[np.ndarray, list[torch.Tensor]]], int]] | None = None
     # Optional: `values` by a fused kernel from the stored values (see CpuValues).

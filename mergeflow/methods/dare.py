@@ -106,11 +106,11 @@ def keep_threshold(p: float) -> int:
     return min(math.ceil(p * 2**32), 2**32 - 1)
 
 
-def draws(seed: int, name: str, task: int, start: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
+def draws(seed: int, name: str, task: int, start: int, count: int) -> np.ndarray:
     """The uniform 32-bit draws (uint32) of entries [start, start + count) of task `task`'s
     flattened tensor: entry j takes half j % 2 (low half first) of word j // 2 of the SplitMix64
     stream keyed mask_key(seed, name, task). Drawn WORDS_PER_BLOCK words at a time, in place."""
-    out = np.empty(count, dtype=np.uint32) if out is None else out
+    out = np.empty(count, dtype=np.uint32)
     key = np.uint64(mask_key(seed, name, task))
     first, end = start // 2, (start + count + 1) // 2  # the words that hold the range
     for w0 in range(first, end, WORDS_PER_BLOCK):
