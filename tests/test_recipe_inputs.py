@@ -216,6 +216,21 @@ def test_a_boolean_inside_a_list_of_numbers_is_refused_and_boolean_fields_keep_t
     assert recipe.hyperparameters == {"ties_filter": True}
 
 
+def _methods_with_lam_lists():
+    for method in all_methods():
+        field = method.hyperparams.model_fields.get("lam")
+        if field is not None and list[float] in typing.get_args(field.annotation):
+            yield pytest.param(method, id=method.name)
+
+
+@pytest.mark.parametrize("method", list(_methods_with_lam_lists()))
+def test_an_empty_lam_list_is_refused_by_every_method_that_takes_one(method):
+    data = {"method": method.name, "base": "b", "models": ["m"] * max(method.min_models, 1),
+            "hyperparameters": {"lam": []}}
+    with pytest.raises(RecipeError, match="lam is an empty list; give one value per fine-tuned model"):
+        parse_recipe(data)
+
+
 # ---- 4. other recipe fields ----
 
 def test_empty_references_are_refused():

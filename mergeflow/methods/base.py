@@ -65,6 +65,13 @@ class Hyperparams(BaseModel):
                                      "(YAML reads true/false, yes/no and on/off as booleans); write the number")
         return values
 
+    @model_validator(mode="after")
+    def _lam_list_not_empty(self) -> Hyperparams:
+        """Every method's per-task `lam` list (where it takes one) needs one value per model."""
+        if getattr(self, "lam", None) == []:
+            raise ValueError("lam is an empty list; give one value per fine-tuned model, or one number")
+        return self
+
 
 def _takes_bool(annotation: object) -> bool:
     return annotation is bool or any(_takes_bool(a) for a in get_args(annotation))

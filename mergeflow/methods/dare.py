@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from mergeflow.methods.base import (
     CpuKernel,
@@ -62,13 +62,6 @@ class DareParams(Hyperparams):
     p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability of each delta entry")
     lam: float | list[float] = Field(1.0, description="scale of the summed task vectors, or one per task")
     seed: int = Field(0, description="random seed of the drop masks")
-
-    @field_validator("lam")
-    @classmethod
-    def _non_empty(cls, v: float | list[float]) -> float | list[float]:
-        if isinstance(v, list) and not v:
-            raise ValueError("lam as a list needs one value per fine-tuned model")
-        return v
 
 
 class DareTiesParams(DareParams):

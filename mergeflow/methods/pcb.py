@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from mergeflow.methods.base import (
     CpuKernel,
@@ -69,13 +69,6 @@ class PcbParams(Hyperparams):
         "nlp", description="inter-balancing term of the official nlp / vision / vision ES code"
     )
     clip: float = Field(0.01, ge=0.0, lt=0.5, description="per-task two-sided quantile clip of |tau|")
-
-    @field_validator("lam")
-    @classmethod
-    def _lam_list_not_empty(cls, lam: float | list[float]) -> float | list[float]:
-        if isinstance(lam, list) and not lam:
-            raise ValueError("lam list is empty; give one value per fine-tuned model")
-        return lam
 
     @model_validator(mode="after")
     def _per_task_lam_only_for_vision(self) -> PcbParams:

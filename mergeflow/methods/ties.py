@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from mergeflow.methods.base import (
     CpuKernel,
@@ -70,13 +70,6 @@ class TiesParams(Hyperparams):
         "global", description="global: top-k over each task's whole model (official); "
         "tensor: top max(1, int(k*numel)) per tensor for k > 0 (mergekit)")
     elect: Literal["mass"] = Field("mass", description="sign election: sign of the summed trimmed values")
-
-    @field_validator("lam")
-    @classmethod
-    def _non_empty(cls, v: float | list[float]) -> float | list[float]:
-        if isinstance(v, list) and not v:
-            raise ValueError("lam as a list needs one value per fine-tuned model")
-        return v
 
     @model_validator(mode="after")
     def _weighted_mean_needs_lams(self) -> TiesParams:
