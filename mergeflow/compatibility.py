@@ -32,10 +32,32 @@ def signature_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[tupl
     return {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
 
 
+BASE_ONLY_CHOICES = ("error", "copy")
+
+
+def base_only_names(base: Signature, models: Sequence[Signature], base_only_tensors: str = "error") -> set[str]:
+    """The base's tensors that no fine-tuned model has, when `base_only_tensors` is "copy".
+
+    Fine-tunes are often saved without the parts they did not train: vision-only CLIP experts
+    (FusionBench's) next to a full CLIP base with its text tower. With "copy", such tensors are
+    copied from the base unchanged, like integer buffers. A tensor that only some models lack is
+    still an error (check_compatible): a model that lost part of its weights is a broken input.
+    With "error" (the default), every missing tensor is reported by check_compatible."""
+    if base_only_tensors not in BASE_ONLY_CHOICES:
+        raise ValueError(f"base_only_tensors={base_only_tensors!r}; use 'error' (refuse checkpoints that lack "
+                         "tensors of the base) or 'copy' (copy the tensors no model has from the base)")
+    if base_only_tensors == "error" or not models:
+        return set()
+    return set(base).difference(*(set(sig) for sig in models))
+
+
 def check_compatible(base: Signature, models: Sequence[Signature], labels: Sequence[str] | None = None,
-                     max_report: int = 5) -> None:
-    """Raise IncompatibleCheckpoints naming the first mismatches; return None if all agree."""
+                     max_report: int = 5, base_only: set[str] = frozenset()) -> None:
+    """Raise IncompatibleCheckpoints naming the first mismatches; return None if all agree.
+
+    `base_only` (from `base_only_names`) are tensors no model is expected to have."""
     labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
+    base = {k: v for k, v in base.items() if k not in base_only}
     problems: list[str] = []
     for label, sig in zip(labels, models, strict=True):
         missing = sorted(set(base) - set(sig))
@@ -59,6 +81,10 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
             "checkpoints cannot be merged:\n  - " + "\n  - ".join(problems[:max_report])
             + "\nAll models must share the base's tensor names, shapes and dtypes (fine-tunes of the "
             "same pretrained checkpoint); only the precision of float tensors may differ."
+            + ("" if base_only or not any("lacks" in p for p in problems) else
+               " If the models were saved without part of the base (vision-only experts of a full CLIP, "
+               "say), base_only_tensors: copy (a recipe key, or merge's argument) copies from the base "
+               "the tensors that no model has.")
         )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 from mergeflow.compatibility import (
+    base_only_names,
     check_compatible,
     check_finite,
     check_finite_output,
@@ -21,19 +22,23 @@ from mergeflow.statistics import reduce_all, reduce_rows
 StateDict = Mapping[str, torch.Tensor]
 
 
-def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], **hparams: object) -> dict[str, torch.Tensor]:
+def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], *, base_only_tensors: str = "error",
+          **hparams: object) -> dict[str, torch.Tensor]:
     """Merge fine-tuned state dicts of one base model with a registered method.
 
     Float tensors are merged in float32 and cast back to the base's dtype; integer and boolean
-    tensors (position ids, BN counters) are copied from the base unchanged.
+    tensors (position ids, BN counters) are copied from the base unchanged, and so, with
+    `base_only_tensors="copy"`, are the base's tensors that no fine-tuned model has.
     """
     m = get_method(method)
     params = m.params(**hparams)
     _check_state_dicts(base, finetuned)
     _check_model_count(m, len(finetuned))
     check_lam_count(params, len(finetuned))
-    check_compatible(signature_of(base), [signature_of(sd) for sd in finetuned])
-    float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype)]
+    base_signature, signatures = signature_of(base), [signature_of(sd) for sd in finetuned]
+    base_only = base_only_names(base_signature, signatures, base_only_tensors)
+    check_compatible(base_signature, signatures, base_only=base_only)
+    float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype) and k not in base_only]
     if m.check_inputs is not None:
         m.check_inputs(params, len(finetuned), float_names)
     labels = ["base", *(f"model {i}" for i in range(len(finetuned)))]

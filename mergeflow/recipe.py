@@ -6,6 +6,7 @@
     hyperparameters: {k: 0.2, lam: 1.0, agg: mean}
     dtype: bfloat16              # optional: output dtype of float tensors (default: the base's)
     device: cpu                  # optional: overridden by --device
+    base_only_tensors: copy      # optional: copy the base's tensors that no model has (default: error)
 
 A mergekit recipe (one with `merge_method`) is translated by `mergeflow.mergekit_recipe`.
 Everything here is checked before a tensor is read: that the file is UTF-8 YAML with no key
@@ -16,7 +17,7 @@ a number), the number of models, and that every path exists.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -44,6 +45,9 @@ class Recipe(BaseModel):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = Field(None, description="output dtype of float tensors (default: the base's)")
     device: str | None = None
+    base_only_tensors: Literal["error", "copy"] = Field(
+        "error", description="tensors of the base that no model has (vision-only experts of a full CLIP "
+        "base): refuse the checkpoints (error) or copy them from the base (copy)")
 
     @field_validator("base")
     @classmethod

@@ -32,6 +32,7 @@ def main(args: argparse.Namespace) -> int:
             allow_pickle=bool(getattr(args, "allow_pickle", False)),
             trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
             out_dtype=recipe.out_dtype,
+            base_only_tensors=recipe.base_only_tensors,
             recipe=recipe.model_dump(mode="json"),
             dry_run=bool(getattr(args, "dry_run", False)),
         )

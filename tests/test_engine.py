@@ -266,6 +266,39 @@ def test_padded_vocabulary_is_a_clear_error(zoo, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+BASE_ONLY = ("layers.0.norm.weight", "lm_head.bf16")  # what vision-only experts of a full CLIP lack
+
+
+def test_tensors_no_model_has_are_refused_or_copied_from_the_base_when_asked(zoo, tmp_path):
+    fts = [{k: v for k, v in ft.items() if k not in BASE_ONLY} for ft in zoo["fts"][:2]]
+    dirs = [_write(ft, tmp_path / f"vision_only{i}") for i, ft in enumerate(fts)]
+    with pytest.raises(MergeConfigError, match=r"lacks 2 tensor\(s\) of the base(.|\n)*base_only_tensors: copy"):
+        merge_checkpoints("ties", zoo["base_dir"], dirs, tmp_path / "out", {}, progress=False)
+    with pytest.raises(ValueError, match="lacks 2 tensor"):
+        mergeflow.merge("ties", zoo["base"], fts)
+
+    result = merge_checkpoints("ties", zoo["base_dir"], dirs, tmp_path / "out", {"k": 0.5}, progress=False,
+                               input_hashes=["h"] * 3, base_only_tensors="copy", out_dtype=torch.float32)
+    got = load_state_dict(tmp_path / "out")
+    expected = mergeflow.merge("ties", zoo["base"], fts, k=0.5, base_only_tensors="copy")
+    assert set(got) == set(expected) == set(zoo["base"])
+    for name in BASE_ONLY:  # copied (the bf16 one cast to the asked float32), not merged
+        assert torch.equal(got[name], zoo["base"][name].float())
+        assert torch.equal(expected[name], zoo["base"][name])
+    # The rest is merged as if the base had never had them: the global trim threshold too.
+    without = {k: v for k, v in zoo["base"].items() if k not in BASE_ONLY}
+    assert all(torch.equal(got[k], v) for k, v in mergeflow.merge("ties", without, fts, k=0.5).items())
+    assert result.manifest["merged_tensors"] == 5 and "copied from the base" in result.manifest["notes"][-1]
+    # A tensor only some models lack is a broken input, whatever the option says.
+    with pytest.raises(MergeConfigError, match=r"lacks 2 tensor"):
+        merge_checkpoints("ties", zoo["base_dir"], [dirs[0], zoo["ft_dirs"][2]], tmp_path / "o2", {},
+                          progress=False, base_only_tensors="copy")
+    with pytest.raises(MergeConfigError, match="base_only_tensors='keep'; use 'error'"):
+        merge_checkpoints("ties", zoo["base_dir"], dirs, tmp_path / "o3", {}, progress=False,
+                          base_only_tensors="keep")
+    assert _listing(tmp_path) == ["out", "vision_only0", "vision_only1"]
+
+
 def test_nan_input_is_refused_and_leaves_no_output(zoo, tmp_path):
     broken = {k: v.clone() for k, v in zoo["fts"][1].items()}
     broken["layers.0.attn.weight"][3, 4] = float("nan")

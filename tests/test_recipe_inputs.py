@@ -233,6 +233,14 @@ def test_an_empty_lam_list_is_refused_by_every_method_that_takes_one(method):
 
 # ---- 4. other recipe fields ----
 
+def test_base_only_tensors_is_error_by_default_and_takes_copy_only():
+    data = {"method": "ties", "base": "b", "models": ["m"]}
+    assert parse_recipe(data).base_only_tensors == "error"
+    assert parse_recipe(dict(data, base_only_tensors="copy")).base_only_tensors == "copy"
+    with pytest.raises(RecipeError, match="base_only_tensors: Input should be 'error' or 'copy'"):
+        parse_recipe(dict(data, base_only_tensors="skip"))
+
+
 def test_empty_references_are_refused():
     with pytest.raises(RecipeError, match="base: an empty reference"):
         parse_recipe({"method": "ties", "base": "", "models": ["m"]})

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mergeflow.compatibility import (
-    IncompatibleCheckpoints,
+    base_only_names,
     check_compatible,
     is_mergeable,
     precision_notes,
@@ -104,7 +104,7 @@ class MergePlan:
 def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], hparams: dict,
                *, out_dir: str | Path | None = None, device: str | torch.device = "cpu",
                allow_pickle: bool = False, trust_remote_code: bool = False,
-               chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> MergePlan:
+               chunk_elems: int = DEFAULT_CHUNK_ELEMS, base_only_tensors: str = "error") -> MergePlan:
     m = get_method(method)
     try:
         params = m.params(**hparams)
@@ -126,13 +126,14 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     _check_vocab(base, models, labels)
     base_signature, signatures = base.checkpoint.signature(), [s.checkpoint.signature() for s in models]
     try:
-        check_compatible(base_signature, signatures, labels)
-    except IncompatibleCheckpoints as err:
+        base_only = base_only_names(base_signature, signatures, base_only_tensors)
+        check_compatible(base_signature, signatures, labels, base_only=base_only)
+    except ValueError as err:
         raise MergeConfigError(str(err)) from None
     if out_dir is not None:
         _check_output(Path(out_dir), [base_dir, *model_dirs])
     names = base.checkpoint.names
-    float_names = {k for k in names if is_mergeable(base.checkpoint.info(k).dtype)}
+    float_names = {k for k in names if is_mergeable(base.checkpoint.info(k).dtype) and k not in base_only}
     if not any(math.prod(base.checkpoint.info(k).shape) for k in float_names):
         raise MergeConfigError(f"{base_dir}: no float tensor with any entries to merge "
                                f"({len(names)} tensors in all); is this the right checkpoint?")
@@ -143,8 +144,11 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
             raise MergeConfigError(str(err)) from None
     elementwise = m.is_elementwise(params)
     units = [u for k in names for u in _units(base, k, k in float_names and elementwise, chunk_elems)]
-    plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise,
-                     notes=precision_notes(base_signature, signatures, labels))
+    notes = precision_notes({k: v for k, v in base_signature.items() if k not in base_only}, signatures, labels)
+    if base_only:
+        notes.append(f"{len(base_only)} tensor(s) that no model has are copied from the base "
+                     f"(base_only_tensors: copy), e.g. {sorted(base_only)[:3]}")
+    plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise, notes=notes)
     _check_ranks(plan)
     plan.input_bytes = sum(plan.unit_bytes(u) for u in units)
     plan.output_bytes = base.checkpoint.nbytes

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from mergeflow.compatibility import check_finite_output
+from mergeflow.compatibility import check_finite_output, is_mergeable
 from mergeflow.engine.manifest import copy_side_files, model_card
 from mergeflow.engine.memory import tune_malloc
 from mergeflow.engine.plan import (
@@ -95,13 +95,16 @@ def merge_checkpoints(
     kth_cap: int = DEFAULT_CAP,
     kth_sample: int = SAMPLE_TARGET,
     cpu_kernels: bool = True,
+    base_only_tensors: str = "error",
 ) -> MergeResult | MergePlan:
     """Merge checkpoint directories (or .safetensors files) of one base into `out_dir`.
 
     `hparams` are the method's hyperparameters (`mergeflow methods` lists them). `input_hashes`
     (base first, then the models) are recorded in the manifest; when None they come from
     `mergeflow.sources.resolve_checkpoint` (content hashes, cached on disk by file stat).
-    `out_dtype` sets the stored dtype of merged float tensors (default: the base's dtype).
+    `out_dtype` sets the stored dtype of float tensors (default: the base's dtype).
+    `base_only_tensors="copy"` copies the base's tensors that no model has (vision-only experts of
+    a full CLIP base) instead of refusing the checkpoints (`compatibility.base_only_names`).
     `recipe` (the recipe as a dict) is recorded in the manifest. With `dry_run`, only the checks
     and the estimate run, and the plan is returned. `kth_cap` (values kept per task by the
     exact quantile selection) and `kth_sample` (values sampled to place its window) trade
@@ -114,7 +117,7 @@ def merge_checkpoints(
     _check_call(model_dirs, input_hashes, out_dtype)
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
                       device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                      chunk_elems=chunk_elems)
+                      chunk_elems=chunk_elems, base_only_tensors=base_only_tensors)
     plan.cpu_kernels = cpu_kernels
     # More threads stop paying off early: the units' Python work serialises on the GIL and the
     # elementwise math is bound by memory bandwidth (16 threads on a 16-CPU machine ran global
@@ -193,7 +196,7 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
                 t0: float) -> MergeResult:
     def dtype(name: str) -> torch.dtype:
         stored = plan.base.checkpoint.info(name).dtype
-        return out_dtype if (out_dtype is not None and name in plan.float_names) else stored
+        return out_dtype if (out_dtype is not None and is_mergeable(stored)) else stored
 
     def shape(name: str) -> tuple[int, ...]:
         return plan.base.checkpoint.info(name).shape
@@ -201,8 +204,8 @@ def _merge_pass(plan: MergePlan, stats: GlobalStats, out_dir: Path, hashes: list
     fused = plan.method.fused_last_pass
 
     def merged_unit(unit: Unit) -> tuple[torch.Tensor, Provisional | None]:
-        if unit.name not in plan.float_names:
-            return plan.base.read(unit.name, unit.row_start, unit.row_end), None
+        if unit.name not in plan.float_names:  # integer buffers, and base_only_tensors="copy"'s
+            return plan.base.read(unit.name, unit.row_start, unit.row_end).to(dtype(unit.name)), None
         kernel = plan.method.cpu_kernel
         raw = kernel_input(plan, unit, dtype(unit.name)) if kernel and kernel.applies(plan.params) else None
         if raw is not None:
