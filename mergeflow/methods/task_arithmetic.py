@@ -43,6 +43,10 @@ def task_arithmetic(
         return _sum_of_deltas(group).mul_(params.lam).add_(group.base)
     if len(params.lam) != group.n:
         raise ValueError(f"task_arithmetic got {len(params.lam)} lam values for {group.n} fine-tuned models")
+    # Added into the base one task at a time, ((theta_0 + lam_1 tau_1) + lam_2 tau_2) + ..., the
+    # order of the official AdaMerging code's sum over [theta_0, tau_1, ...] with coefficients
+    # [1, lam_1, ...], whose task-wise coefficients are what a lam list usually holds. Summing the
+    # lam_i tau_i first (mergekit) differs from it in the last bit of some entries.
     deltas = group.deltas
     merged = group.base.clone()
     for lam_i, tau_i in zip(params.lam, deltas, strict=True):
