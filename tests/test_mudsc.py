@@ -159,6 +159,53 @@ def test_zip_by_hand():
     assert unmerge.T.tolist() == [[1, 0, 0, 1], [0, 1, 1, 0]]
 
 
+def _zip_without_discount(sim: torch.Tensor, num_models: int, b: float = 1.0) -> list[int] | None:
+    """The official zip with a <= 0, written out: after merging u and v, u may no longer match
+    any unit whose model is u's or v's (the official code means that; it indexes the shrunk
+    matrix by original positions). Each unit's representative, or None where no allowed pair is
+    left (the official code would then merge a unit with itself)."""
+    s = sim.clone().double().fill_diagonal_(float("-inf"))
+    n, o = len(s), len(s) // num_models
+    origin, rep, alive = [i // o for i in range(n)], list(range(n)), [True] * n
+    budget = [int((n - o) // num_models * b + 1e-4)] * num_models
+    for _ in range(n - o):
+        u, v = sorted(divmod(int(torch.argmax(s)), n))
+        if s[u, v] == float("-inf"):
+            return None
+        rep = [u if r == v else r for r in rep]
+        alive[v] = False
+        s[:, u] = torch.minimum(s[:, u], s[:, v])
+        s[u, :] = torch.minimum(s[u, :], s[v, :])
+        s[v, :] = s[:, v] = float("-inf")
+        if origin[u] == origin[v]:
+            budget[origin[u]] -= 1
+            if budget[origin[u]] <= 0:
+                own = [w for w in range(n) if alive[w] and origin[w] == origin[u]]
+                s[torch.tensor(own)[:, None], torch.tensor(own)[None, :]] = float("-inf")
+        for w in range(n):
+            if alive[w] and origin[w] in (origin[u], origin[v]):
+                s[u, w] = s[w, u] = float("-inf")
+    return rep
+
+
+def test_zip_without_discount_forbids_both_source_models_and_says_when_no_merge_is_left():
+    g = torch.Generator().manual_seed(0)
+    outcomes = {"same": 0, "refused": 0}
+    for _ in range(60):
+        num_models, o = 3, 4
+        s = torch.corrcoef(torch.randn(num_models * o, 30, generator=g))
+        expected = _zip_without_discount(s, num_models)
+        if expected is None:
+            with pytest.raises(ValueError, match="ran out of allowed merges.*use a > 0"):
+                zip_match(s, num_models, a=0.0, b=1.0)
+            outcomes["refused"] += 1
+            continue
+        assign, _ = zip_match(s, num_models, a=0.0, b=1.0)
+        assert assign.tolist() == torch.unique(torch.tensor(expected), return_inverse=True)[1].tolist()
+        outcomes["same"] += 1
+    assert outcomes["same"] >= 10 and outcomes["refused"] >= 10, outcomes  # both paths are exercised
+
+
 def _mlp_pair():
     """Two 2-2-2-2 MLPs by hand: A, and B with the second layer's rows swapped."""
     from mergeflow.mudsc.models import MLP

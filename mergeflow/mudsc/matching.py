@@ -26,7 +26,7 @@ def zip_match(sim: torch.Tensor, num_models: int, a: float = 0.5, b: float = 1.0
 
     Repeatedly merge the globally most similar pair (u < v): v's members join u; u's similarity
     to the rest becomes min(S[u], S[v]) (complete linkage) times `a`, so a merged unit is less
-    likely to merge again (a <= 0: it may no longer match units of the models it contains).
+    likely to merge again (a <= 0: it may no longer match units of the two models u and v came from).
     Merges inside one model are allowed, at most floor((to_remove / M) * b) per model (and at
     least one, as the official code checks the budget only after such a merge).
     """
@@ -53,7 +53,6 @@ def _zip(sim: torch.Tensor, num_models: int, a: float, b: float, tuples: list[to
     # never before the first: one such merge happens even when the budget rounds to 0.
     groups = 0 if group_of is None else int(group_of.max()) + 1
     group_budget = torch.full((groups,), int((n - o) // max(groups, 1) + 1e-4))
-    contains = torch.nn.functional.one_hot(origin, num_models).bool()  # models inside each cluster
     values = []
     for units in tuples:
         units = units.sort().values  # so the block's first maximum is the whole matrix's first
@@ -63,9 +62,15 @@ def _zip(sim: torch.Tensor, num_models: int, a: float, b: float, tuples: list[to
             block = s if whole else s[units[:, None], units[None, :]]
             i, j = divmod(int(torch.argmax(block)), len(units))
             u, v = sorted((int(units[i]), int(units[j])))
+            if s[u, v] == NEG_INF:  # the official code would merge a unit with itself here
+                raise ValueError(
+                    f"zip matching ran out of allowed merges with {int(alive.sum())} units left of the "
+                    f"{n // num_models} wanted: the same-model budget b={b} and a={a} forbid every remaining "
+                    "pair (a <= 0 bars a merged unit from both its source models, which with 3 or more "
+                    "models often leaves none); use a > 0, or raise b")
             values.append(float(s[u, v]))
+            source_models = (origin[u].item(), origin[v].item())
             members[members == v] = u
-            contains[u] |= contains[v]
             alive[v] = False
             s[:, u] = torch.minimum(s[:, u], s[:, v])
             s[u, :] = torch.minimum(s[u, :], s[v, :])
@@ -74,8 +79,8 @@ def _zip(sim: torch.Tensor, num_models: int, a: float, b: float, tuples: list[to
             _spend(s, alive, origin, u, v, budget)
             if group_of is not None:
                 _spend(s, alive, group_of, u, v, group_budget)
-            if a <= 0:
-                forbidden = alive & contains[:, contains[u]].any(dim=1)
+            if a <= 0:  # the official code's intent (it indexes the shrunk matrix by the original positions)
+                forbidden = alive & torch.isin(origin, torch.tensor(source_models))
                 s[u, forbidden] = NEG_INF
                 s[forbidden, u] = NEG_INF
             else:
