@@ -14,6 +14,7 @@ checks run before any work. `get(name)` reads one tensor (memory-mapped).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,19 @@ def _index_shards(index: Path) -> list[str]:
     return list(weight_map.values())
 
 
+_TORCH_LOAD_ADVICE = ("weights_only", "weights only", "documentation", "safe_globals", "trust")
+
+
+def _unpickler_diagnosis(message: str) -> str | None:
+    """What torch.load(weights_only=True) refused, without torch's advice around it: to retry
+    with weights_only=False, or to allowlist the global, both of which would run the pickle."""
+    refused = re.search(r"GLOBAL ([\w.]+)", message)
+    if refused:
+        return f"it calls {refused.group(1)}"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return next((line for line in lines if not any(a in line.lower() for a in _TORCH_LOAD_ADVICE)), None)
+
+
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if path.is_dir():
         candidates = [p for s in PICKLE_SUFFIXES for p in sorted(path.glob(f"*{s}"))]
@@ -211,9 +225,8 @@ def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses arbitrary objects: say so plainly
         # torch's message suggests weights_only=False, which would run the pickle's code: only
-        # its own diagnosis is kept.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        detail = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+        # its diagnosis (the refused global, say) is kept, never that advice.
+        detail = _unpickler_diagnosis(str(err)) or type(err).__name__
         raise CheckpointError(f"{path}: refused to unpickle: it holds more than tensors ({detail}). mergeflow "
                               "never runs a pickle's code; convert the checkpoint to safetensors") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
