@@ -164,6 +164,32 @@ def test_full_disk_engine_refuses_before_writing(tiny_disk: Path, tmp_path: Path
     assert list(tiny_disk.iterdir()) == []
 
 
+def test_disk_filled_by_someone_else_mid_merge_says_so_and_leaves_nothing(tiny_disk: Path, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """The space checked before the merge is gone when it writes (another job took it)."""
+    from mergeflow.engine import merge_checkpoints, plan
+
+    monkeypatch.setattr(plan, "_check_disk", lambda out, need: None)  # the check passed, back then
+    base, models = _big_family(tmp_path / "models")
+    with pytest.raises(OSError, match=r"the disk filled up while writing .*merged \(the output takes 4 MiB"):
+        merge_checkpoints("average", base, models, tiny_disk / "merged", {}, progress=False)
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_disk_check_counts_the_output_dtype(tmp_path: Path) -> None:
+    from mergeflow.engine import merge_checkpoints
+
+    base = save_checkpoint({"w": torch.zeros(64, 32, dtype=torch.bfloat16), "step": torch.zeros(3, dtype=torch.int64)},
+                           tmp_path / "base")
+    ft = save_checkpoint({"w": torch.ones(64, 32, dtype=torch.bfloat16), "step": torch.ones(3, dtype=torch.int64)},
+                         tmp_path / "ft")
+    as_stored = merge_checkpoints("task_arithmetic", base, [ft], tmp_path / "o", {}, dry_run=True)
+    widened = merge_checkpoints("task_arithmetic", base, [ft], tmp_path / "o", {}, dry_run=True,
+                                out_dtype=torch.float32)
+    assert as_stored.output_bytes == 64 * 32 * 2 + 3 * 8
+    assert widened.output_bytes == 64 * 32 * 4 + 3 * 8  # integer buffers keep their dtype
+
+
 def test_full_disk_artifact_store_keeps_no_partial_artifact(tiny_disk: Path) -> None:
     store = ArtifactStore(tiny_disk / "store")
     with pytest.raises(Exception, match="No space left"):  # OSError or SafetensorError

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mergeflow.checkpoint import TensorInfo
 from mergeflow.compatibility import (
     base_only_names,
     check_compatible,
@@ -104,7 +105,8 @@ class MergePlan:
 def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], hparams: dict,
                *, out_dir: str | Path | None = None, device: str | torch.device = "cpu",
                allow_pickle: bool = False, trust_remote_code: bool = False,
-               chunk_elems: int = DEFAULT_CHUNK_ELEMS, base_only_tensors: str = "error") -> MergePlan:
+               chunk_elems: int = DEFAULT_CHUNK_ELEMS, base_only_tensors: str = "error",
+               out_dtype: torch.dtype | None = None) -> MergePlan:
     m = get_method(method)
     try:
         params = m.params(**hparams)
@@ -151,10 +153,17 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     plan = MergePlan(m, params, base, models, dev, names, float_names, units, elementwise, notes=notes)
     _check_ranks(plan)
     plan.input_bytes = sum(plan.unit_bytes(u) for u in units)
-    plan.output_bytes = base.checkpoint.nbytes
+    plan.output_bytes = sum(_output_bytes(base.checkpoint.info(k), out_dtype) for k in names)
     if out_dir is not None:
         _check_disk(Path(out_dir), plan.output_bytes)
     return plan
+
+
+def _output_bytes(info: TensorInfo, out_dtype: torch.dtype | None) -> int:
+    """Bytes one tensor takes in the output: float tensors are stored as `out_dtype` if given."""
+    if out_dtype is None or not is_mergeable(info.dtype):
+        return info.nbytes
+    return math.prod(info.shape) * out_dtype.itemsize
 
 
 def _check_ranks(plan: MergePlan) -> None:

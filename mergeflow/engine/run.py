@@ -21,6 +21,7 @@ depends on scheduling. The math runs on `device` in float32.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -117,7 +118,7 @@ def merge_checkpoints(
     _check_call(model_dirs, input_hashes, out_dtype)
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
                       device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                      chunk_elems=chunk_elems, base_only_tensors=base_only_tensors)
+                      chunk_elems=chunk_elems, base_only_tensors=base_only_tensors, out_dtype=out_dtype)
     plan.cpu_kernels = cpu_kernels
     # More threads stop paying off early: the units' Python work serialises on the GIL and the
     # elementwise math is bound by memory bandwidth (16 threads on a 16-CPU machine ran global
@@ -141,6 +142,12 @@ def merge_checkpoints(
                                          kth_sample=kth_sample)
             result = _merge_pass(plan, stats, Path(out_dir), hashes, recipe, out_dtype, workers=workers,
                                  progress=progress, max_shard_bytes=max_shard_bytes, t0=t0)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, f"the disk filled up while writing {out_dir} (the output takes "
+                      f"{plan.output_bytes / 2**20:,.0f} MiB, and that much was free when the merge "
+                      "started); free some space and run it again. Nothing was written") from None
     finally:
         plan.close()
     return result
