@@ -8,9 +8,12 @@ Output is byte-deterministic: same tensors, same order, same bytes.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import threading
 import uuid
 from collections.abc import Mapping
@@ -38,6 +41,40 @@ def remove_unfinished_outputs() -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def _owner() -> str:
+    """This process as a temp directory's owner: host and pid (no dashes in the host part)."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+_TEMP_DIR = re.compile(r"\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
+    """Delete the temp directories of earlier writes to `out_dir` whose process is gone.
+
+    A process killed outright (SIGKILL, the OOM killer, a power cut) cannot remove its temp
+    directory; the next write to the same output does. Only directories of this host are
+    touched: another machine's writer on a shared file system may still be running."""
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    for tmp_dir in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+        owner = _TEMP_DIR.search(tmp_dir.name)
+        if owner and owner["host"] == host and not _alive(int(owner["pid"])):
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            removed.append(tmp_dir)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class CheckpointWriter:
     """Use as a context manager; `commit()` happens on a clean exit, cleanup on an error."""
 
@@ -47,7 +84,8 @@ class CheckpointWriter:
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True or choose another --out")
         self.max_shard_bytes = max_shard_bytes
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_temp_dirs(self.out_dir)
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{_owner()}-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir(parents=True)
         with _UNFINISHED_LOCK:
             _UNFINISHED.add(self.tmp_dir)

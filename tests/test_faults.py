@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -261,6 +262,37 @@ def test_concurrent_writers_never_corrupt_the_store(tmp_path: Path) -> None:
         assert manifest["content_hash"] == hash_tree(a)
         assert sorted(p.name for p in a.iterdir()) == [MANIFEST, "model.bin"]
     assert _tmp_leftovers(store) == []
+
+
+# ---- a writer killed outright ----
+
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys, torch
+    from mergeflow.checkpoint_writer import CheckpointWriter
+    writer = CheckpointWriter(sys.argv[1])
+    writer.add("w", torch.zeros(1024))
+    writer._flush()  # half the output on disk, then killed: no handler, no unwinding
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_writers_temp_dir_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], cwd=REPO, capture_output=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    [stale] = tmp_path.glob(".merged.tmp-*")
+    assert any(stale.iterdir())
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live writer's temp dir, and one of a writer on another host, are left alone
+        host = socket.gethostname().replace("-", "_")
+        live = tmp_path / f".merged.tmp-{host}-{alive.pid}-0123abcd"
+        elsewhere = tmp_path / ".merged.tmp-otherhost-1-0123abcd"
+        live.mkdir(), elsewhere.mkdir()
+        save_checkpoint({"w": torch.ones(4)}, out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", live.name, elsewhere.name])
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 # ---- a merge stopped by the scheduler ----
