@@ -69,6 +69,8 @@ class Checkpoint:
             }
         else:
             self._info = _read_headers(files)
+            if self.path.is_dir() and (self.path / INDEX_FILE).exists():
+                _check_index_matches_shards(self.path / INDEX_FILE, self._info)
 
     # ---- metadata (no tensor data read) ----
     @property
@@ -181,9 +183,33 @@ def _read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     return info
 
 
+def _check_index_matches_shards(index: Path, info: dict[str, TensorInfo]) -> None:
+    """The index's weight_map must say where each tensor is, as loaders (transformers) trust it:
+    a tensor it lists that no shard holds, one it places in the wrong shard, or one it leaves out
+    means an incomplete download or a hand-edited checkpoint."""
+    weight_map = _weight_map(index)
+    problems = []
+    for name, shard in sorted(weight_map.items()):
+        if name not in info:
+            problems.append(f"it lists {name!r} in {shard}, which does not hold it")
+        elif info[name].file.name != shard:
+            problems.append(f"it places {name!r} in {shard}, but {info[name].file.name} holds it")
+    problems += [f"{info[name].file.name} holds {name!r}, which it does not list"
+                 for name in sorted(set(info) - set(weight_map))]
+    if problems:
+        raise CheckpointError(f"{index} does not match its shards: {'; '.join(problems[:3])}"
+                              + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+                              + ". Download the checkpoint again, or rebuild its index")
+
+
 def _index_shards(index: Path) -> list[str]:
-    """The shard file names a safetensors index's weight_map points to, checked: a mapping of
-    tensor names to plain file names in the checkpoint's own directory."""
+    """The shard file names a safetensors index's weight_map points to (see `_weight_map`)."""
+    return list(_weight_map(index).values())
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A safetensors index's weight_map, checked: a mapping of tensor names to plain file names
+    in the checkpoint's own directory."""
     try:
         data = json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -195,7 +221,7 @@ def _index_shards(index: Path) -> list[str]:
     if outside:  # a shard elsewhere would read another model's weights without a word
         raise CheckpointError(f"{index}: weight_map names shards outside the checkpoint's directory "
                               f"({outside[0]!r}); list plain file names")
-    return list(weight_map.values())
+    return weight_map
 
 
 _TORCH_LOAD_ADVICE = ("weights_only", "weights only", "documentation", "safe_globals", "trust")

@@ -39,6 +39,12 @@ ENGINE_CASES = {
     "integer where the base has float": (lambda d: corpus.with_dtype(d, torch.int32), ["dtype"]),
     "index that is not a mapping": (corpus.index_not_a_mapping, ["weight_map"]),
     "index pointing outside the model": (corpus.index_pointing_outside, ["outside", "../base"]),
+    "index listing a tensor no shard holds": (corpus.index_listing_a_tensor_no_shard_holds,
+                                              ["does not match its shards", "'ghost.weight' in model.safetensors"]),
+    "index leaving out a tensor": (corpus.index_leaving_out_a_tensor, ["holds 'layer.bias', which it does not list"]),
+    "index filing tensors under the wrong shard": (
+        corpus.index_swapping_two_shards,
+        ["places 'layer.weight' in model-00002-of-00002.safetensors, but model-00001-of-00002.safetensors holds it"]),
     "directory without weights": (corpus.only_config, ["no model.safetensors", "model directory"]),
 }
 

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mergeflow.checkpoint_writer import save_checkpoint
 
@@ -124,6 +124,32 @@ def index_pointing_outside(model_dir: Path) -> Path:
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"layer.weight": "../base/model.safetensors"}}))
     return model_dir
+
+
+def _index(model_dir: Path, weight_map: dict[str, str]) -> Path:
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return model_dir
+
+
+def index_listing_a_tensor_no_shard_holds(model_dir: Path) -> Path:
+    """An index that promises a tensor the shards lack (a shard from another version)."""
+    names = sorted(load_file(str(weights_file(model_dir))))
+    return _index(model_dir, {**dict.fromkeys(names, "model.safetensors"), "ghost.weight": "model.safetensors"})
+
+
+def index_leaving_out_a_tensor(model_dir: Path) -> Path:
+    names = sorted(load_file(str(weights_file(model_dir))))
+    return _index(model_dir, dict.fromkeys(names[1:], "model.safetensors"))
+
+
+def index_swapping_two_shards(model_dir: Path) -> Path:
+    """Two shards, each tensor filed under the other one."""
+    sd = load_file(str(weights_file(model_dir)))
+    weights_file(model_dir).unlink()
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({"layer.weight": sd.pop("layer.weight")}, str(model_dir / first))
+    save_file(sd, str(model_dir / second))
+    return _index(model_dir, {"layer.weight": second, **dict.fromkeys(sd, first)})
 
 
 def only_config(model_dir: Path) -> Path:
