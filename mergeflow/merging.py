@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
+from pydantic import ValidationError
 
 from mergeflow.compatibility import (
     base_only_names,
@@ -16,7 +17,7 @@ from mergeflow.compatibility import (
     signature_of,
 )
 from mergeflow.methods import GlobalStats, Hyperparams, MergeMethod, TensorGroup, get_method
-from mergeflow.methods.base import check_lam_count, tensor_stat
+from mergeflow.methods.base import check_lam_count, tensor_stat, validation_summary
 from mergeflow.statistics import reduce_all, reduce_rows
 
 StateDict = Mapping[str, torch.Tensor]
@@ -31,14 +32,19 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], *, base_
     `base_only_tensors="copy"`, are the base's tensors that no fine-tuned model has.
     """
     m = get_method(method)
-    params = m.params(**hparams)
+    try:
+        params = m.params(**hparams)
+    except ValidationError as err:
+        raise ValueError(f"invalid hyperparameters for {method!r}: {validation_summary(err)}") from None
     _check_state_dicts(base, finetuned)
     _check_model_count(m, len(finetuned))
+    _check_distinct(m, base, finetuned)
     check_lam_count(params, len(finetuned))
     base_signature, signatures = signature_of(base), [signature_of(sd) for sd in finetuned]
     base_only = base_only_names(base_signature, signatures, base_only_tensors)
     check_compatible(base_signature, signatures, base_only=base_only)
     float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype) and k not in base_only]
+    _check_something_to_merge(base, float_names)
     if m.check_inputs is not None:
         m.check_inputs(params, len(finetuned), float_names)
     labels = ["base", *(f"model {i}" for i in range(len(finetuned)))]
@@ -100,6 +106,27 @@ def _check_state_dicts(base: object, finetuned: object) -> None:
         bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
         if bad is not None:
             raise TypeError(f"{label}[{bad!r}] is a {type(sd[bad]).__name__}, not a torch.Tensor")
+        meta = next((k for k, v in sd.items() if v.is_meta), None)
+        if meta is not None:
+            raise ValueError(f"{label}[{meta!r}] is a meta tensor (no values: a model built on the meta device "
+                             "and never loaded); load its weights first")
+
+
+def _check_distinct(m: MergeMethod, base: StateDict, finetuned: Sequence[StateDict]) -> None:
+    """The same state dict object twice, or the base as a fine-tuned model (a zero task vector),
+    is a mistake in the call: the engine refuses the same for paths and contents."""
+    for i, sd in enumerate(finetuned):
+        if m.task_vectors and sd is base:
+            raise ValueError(f"finetuned[{i}] is the base state dict itself: its task vector is zero, so drop it")
+        first = next(j for j, other in enumerate(finetuned) if other is sd)
+        if first != i:
+            raise ValueError(f"finetuned[{i}] is the same state dict as finetuned[{first}]; pass each model once")
+
+
+def _check_something_to_merge(base: StateDict, float_names: list[str]) -> None:
+    if not any(base[k].numel() for k in float_names):
+        raise ValueError(f"the base has no float tensor with any entries to merge ({len(base)} tensors in all); "
+                         "is it the right state dict?")
 
 
 def _check_model_count(m: MergeMethod, n: int) -> None:

@@ -23,6 +23,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergeflow.methods.base import validation_summary
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Hyperparameters that name a file: resolved against the recipe's directory like base and models,
@@ -79,7 +81,7 @@ class Recipe(BaseModel):
         try:
             method.params(**self.hyperparameters)
         except ValidationError as err:
-            raise ValueError(f"hyperparameters for {self.method!r}: {_short(err)}") from None
+            raise ValueError(f"hyperparameters for {self.method!r}: {validation_summary(err)}") from None
         n = len(self.models)
         if not method.takes(n):
             raise ValueError(f"models: {self.method!r} takes {method.models_wanted} model(s), got {n}")
@@ -170,19 +172,9 @@ def parse_recipe(data: object, *, source: str = "recipe") -> Recipe:
     try:
         return Recipe(**data)
     except ValidationError as err:
-        raise RecipeError(f"{source}: {_short(err)}") from None
+        raise RecipeError(f"{source}: {validation_summary(err)}") from None
     except ValueError as err:  # get_method: unknown method
         raise RecipeError(f"{source}: method: {err}") from None
-
-
-def _short(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        # A validator's own message already names its field: no "recipe: Value error, " before it.
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 def _resolve(ref: str, root: Path, field: str) -> str:

@@ -94,6 +94,27 @@ def test_in_memory_merge_names_wrong_container_types() -> None:
         assert words in str(err.value)
 
 
+def test_in_memory_merge_refuses_what_the_engine_refuses() -> None:
+    base, ft = corpus.state_dict(0), corpus.state_dict(1)
+    cases = [
+        ("ties", base, [ft, ft], {}, "finetuned[1] is the same state dict as finetuned[0]"),
+        ("task_arithmetic", base, [ft, base], {}, "finetuned[1] is the base state dict itself"),
+        ("ties", {}, [{}], {}, "no float tensor with any entries to merge"),
+        ("ties", {"ids": torch.arange(3)}, [{"ids": torch.arange(3)}], {}, "no float tensor with any entries"),
+        ("ties", {**base, "layer.bias": torch.empty(3, device="meta")}, [ft], {}, "base['layer.bias'] is a meta tensor"),
+        ("ties", base, [ft], {"k": "0.2"}, "k: '0.2' holds a string where a number is expected"),
+    ]
+    for method, b, finetuned, hp, words in cases:
+        with pytest.raises(ValueError) as err:
+            merge(method, b, finetuned, **hp)
+        assert words in str(err.value)
+    with pytest.raises(ValueError) as err:  # one line per field, no pydantic links or input dumps
+        merge("ties", base, [ft], k=2, agg="median")
+    assert str(err.value) == ("invalid hyperparameters for 'ties': k: Input should be less than or equal to 1; "
+                              "agg: Input should be 'mean', 'sum', 'max' or 'weighted_mean'")
+    assert merge("average", base, [ft, dict(ft)])  # equal contents in two objects: a caller's choice
+
+
 # ---- model lists ----
 
 def test_empty_model_list(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from mergeflow.checkpoint import TensorInfo
 from mergeflow.compatibility import (
@@ -28,7 +29,7 @@ from mergeflow.compatibility import (
 )
 from mergeflow.engine.reader import TensorSource
 from mergeflow.methods import Hyperparams, MergeMethod, get_method
-from mergeflow.methods.base import check_lam_count
+from mergeflow.methods.base import check_lam_count, validation_summary
 
 # Entries per model in one unit of work. A unit's float32 copy of the inputs is then 2 MiB a row,
 # below the 32 MiB mmap threshold `memory.tune_malloc` sets, so temporaries are reused from malloc's arenas.
@@ -110,8 +111,8 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     m = get_method(method)
     try:
         params = m.params(**hparams)
-    except Exception as err:  # pydantic ValidationError: its message names the field
-        raise MergeConfigError(f"invalid hyperparameters for {method!r}:\n{err}") from None
+    except ValidationError as err:
+        raise MergeConfigError(f"invalid hyperparameters for {method!r}: {validation_summary(err)}") from None
     n = len(model_dirs)
     if not m.takes(n):
         raise MergeConfigError(f"method {method!r} needs {m.models_wanted} fine-tuned model(s), got {n}")

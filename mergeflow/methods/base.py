@@ -36,11 +36,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 GlobalStats = Mapping[str, torch.Tensor]
 
@@ -51,19 +58,20 @@ class Hyperparams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _no_boolean_numbers(cls, values: object) -> object:
+    def _numbers_are_numbers(cls, value: object, info: ValidationInfo) -> object:
         """pydantic reads True as 1 (1.0), so YAML's `k: true` (or yes, on) would silently keep
-        every entry: a boolean is refused wherever the field does not take one."""
-        if isinstance(values, dict):
-            for name, value in values.items():
-                field = cls.model_fields.get(name)
-                items = value if isinstance(value, (list, tuple)) else [value]
-                if field is not None and any(isinstance(v, bool) for v in items) and not _takes_bool(field.annotation):
-                    raise ValueError(f"{name}: {value!r} holds a boolean where a number is expected "
-                                     "(YAML reads true/false, yes/no and on/off as booleans); write the number")
-        return values
+        every entry: a boolean is refused wherever the field does not take one. So is a string
+        (pydantic reads "0.2" as 0.2: a quoted number in a recipe is more likely a mistake)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in items) and not _takes(annotation, bool):
+            raise ValueError(f"{value!r} holds a boolean where a number is expected "
+                             "(YAML reads true/false, yes/no and on/off as booleans); write the number")
+        if any(isinstance(v, str) for v in items) and not _takes_text(annotation):
+            raise ValueError(f"{value!r} holds a string where a number is expected; write the number without quotes")
+        return value
 
     @model_validator(mode="after")
     def _lam_list_not_empty(self) -> Hyperparams:
@@ -73,8 +81,29 @@ class Hyperparams(BaseModel):
         return self
 
 
-def _takes_bool(annotation: object) -> bool:
-    return annotation is bool or any(_takes_bool(a) for a in get_args(annotation))
+def _takes(annotation: object, kind: type) -> bool:
+    return annotation is kind or any(_takes(a, kind) for a in get_args(annotation))
+
+
+def _takes_text(annotation: object) -> bool:
+    """Whether a field takes a string: str itself, or a Literal of strings (agg="mean")."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, str) for a in get_args(annotation))
+    return any(_takes_text(a) for a in get_args(annotation))
+
+
+def validation_summary(err: ValidationError) -> str:
+    """pydantic's errors as one line, each with its field: `k: Input should be ...; agg: ...`,
+    without pydantic's links and input dumps."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        # A validator's own message already names its field: no "Value error, " before it.
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
