@@ -98,9 +98,13 @@ class Checkpoint:
         if not (self.path.is_dir() and cfg.exists()):
             return None
         try:
-            return json.loads(cfg.read_text())
+            config = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{cfg}: not valid JSON ({err}); restore the model's config.json") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg}: holds a JSON {type(config).__name__}, not an object of settings; "
+                                  "restore the model's config.json")
+        return config
 
     def __contains__(self, name: str) -> bool:
         return name in self._info

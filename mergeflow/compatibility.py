@@ -52,10 +52,11 @@ def base_only_names(base: Signature, models: Sequence[Signature], base_only_tens
 
 
 def check_compatible(base: Signature, models: Sequence[Signature], labels: Sequence[str] | None = None,
-                     max_report: int = 5, base_only: set[str] = frozenset()) -> None:
+                     max_report: int = 5, base_only: set[str] = frozenset(), copying_base_only: bool = False) -> None:
     """Raise IncompatibleCheckpoints naming the first mismatches; return None if all agree.
 
-    `base_only` (from `base_only_names`) are tensors no model is expected to have."""
+    `base_only` (from `base_only_names`) are tensors no model is expected to have;
+    `copying_base_only` says that the caller asked for them to be copied (no hint to do so)."""
     labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
     base = {k: v for k, v in base.items() if k not in base_only}
     problems: list[str] = []
@@ -81,7 +82,7 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
             "checkpoints cannot be merged:\n  - " + "\n  - ".join(problems[:max_report])
             + "\nAll models must share the base's tensor names, shapes and dtypes (fine-tunes of the "
             "same pretrained checkpoint); only the precision of float tensors may differ."
-            + ("" if base_only or not any("lacks" in p for p in problems) else
+            + ("" if copying_base_only or not any("lacks" in p for p in problems) else
                " If the models were saved without part of the base (vision-only experts of a full CLIP, "
                "say), base_only_tensors: copy (a recipe key, or merge's argument) copies from the base "
                "the tensors that no model has.")
@@ -127,10 +128,11 @@ class NonFiniteOutput(ValueError):
 def check_finite_output(method: str, name: str, merged: torch.Tensor) -> None:
     """Raise NonFiniteOutput if a merged tensor holds NaN or inf (its inputs were checked)."""
     if merged.is_floating_point() and not _all_finite(merged):
+        wider = "" if merged.dtype.itemsize >= 4 else ", or write a wider dtype (float32)"
         raise NonFiniteOutput(
             f"{method}: the merged {name} has NaN or inf values although every input is finite: the "
-            f"merge overflows {str(merged.dtype).removeprefix('torch.')}. Lower lam (or p for DARE), or "
-            "write a wider dtype (float32); nothing was written")
+            f"merge overflows {str(merged.dtype).removeprefix('torch.')}. Lower lam (or p for DARE){wider}; "
+            "nothing was written")
 
 
 def _all_finite(t: torch.Tensor) -> bool:

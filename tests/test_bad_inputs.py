@@ -46,6 +46,8 @@ ENGINE_CASES = {
         corpus.index_swapping_two_shards,
         ["places 'layer.weight' in model-00002-of-00002.safetensors, but model-00001-of-00002.safetensors holds it"]),
     "directory without weights": (corpus.only_config, ["no model.safetensors", "model directory"]),
+    "config.json that is not an object": (corpus.config_not_an_object, ["config.json: holds a JSON list"]),
+    "vocab_size given as text": (corpus.vocab_size_as_text, ["config.json: vocab_size is '32', not a whole number"]),
 }
 
 
@@ -177,6 +179,15 @@ def test_the_same_checkpoint_twice_or_the_base_as_a_model_is_refused(tmp_path: P
     assert torch.equal(m["layer.weight"], (b["layer.weight"] + f["layer.weight"]) / 2)
 
 
+def test_an_empty_output_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, models = corpus.family(tmp_path / "models")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # Path("") would be this directory
+    with pytest.raises(ValueError, match=r"the output directory is empty \('' given\)"):
+        merge_checkpoints("task_arithmetic", base, models, "", {}, progress=False)
+    assert list((tmp_path / "work").iterdir()) == []
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"device": "meta"}, ["meta", "cpu, cuda"]),
     ({"out_dtype": torch.int8}, ["not a float dtype"]),
@@ -230,8 +241,12 @@ def test_replacing_an_earlier_output_never_deletes_files_mergeflow_did_not_write
 
 def test_an_overflowing_merge_is_refused_in_memory_too() -> None:
     base = {"w": torch.ones(3)}
-    with pytest.raises(ValueError, match="merged w has NaN or inf"):
+    with pytest.raises(ValueError, match="merged w has NaN or inf") as err:
         merge("task_arithmetic", base, [{"w": torch.full((3,), 2.0)}], lam=1e39)
+    assert "Lower lam (or p for DARE); nothing was written" in str(err.value)  # float32 is as wide as it gets
+    half = {"w": torch.ones(3, dtype=torch.float16)}
+    with pytest.raises(ValueError, match="overflows float16. Lower lam .*, or write a wider dtype"):
+        merge("task_arithmetic", half, [{"w": torch.full((3,), 2.0, dtype=torch.float16)}], lam=1e5)
 
 
 def test_tensors_that_require_grad_are_merged_like_plain_ones() -> None:

@@ -130,7 +130,8 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     base_signature, signatures = base.checkpoint.signature(), [s.checkpoint.signature() for s in models]
     try:
         base_only = base_only_names(base_signature, signatures, base_only_tensors)
-        check_compatible(base_signature, signatures, labels, base_only=base_only)
+        check_compatible(base_signature, signatures, labels, base_only=base_only,
+                         copying_base_only=base_only_tensors == "copy")
     except ValueError as err:
         raise MergeConfigError(str(err)) from None
     if out_dir is not None:
@@ -242,6 +243,11 @@ def _check_vocab(base: TensorSource, models: list[TensorSource], labels: list[st
     """Different vocabulary sizes (added tokens, padded embeddings) are refused by name."""
     base_cfg = base.checkpoint.config or {}
     base_sig = base.checkpoint.signature()
+    for src in [base, *models]:
+        vocab = (src.checkpoint.config or {}).get("vocab_size")
+        if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool)):
+            raise MergeConfigError(f"{src.checkpoint.directory / 'config.json'}: vocab_size is {vocab!r}, not a "
+                                   "whole number; restore the model's config.json")
     for label, src in zip(labels, models, strict=True):
         cfg = src.checkpoint.config or {}
         if "vocab_size" in base_cfg and "vocab_size" in cfg and cfg["vocab_size"] != base_cfg["vocab_size"]:

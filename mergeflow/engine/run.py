@@ -115,7 +115,7 @@ def merge_checkpoints(
     kernels (same output bytes, slower).
     """
     t0 = time.perf_counter()
-    _check_call(model_dirs, input_hashes, out_dtype)
+    _check_call(out_dir, model_dirs, input_hashes, out_dtype)
     plan = plan_merge(method, base_dir, list(model_dirs), dict(hparams or {}), out_dir=out_dir,
                       device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                       chunk_elems=chunk_elems, base_only_tensors=base_only_tensors, out_dtype=out_dtype)
@@ -153,9 +153,11 @@ def merge_checkpoints(
     return result
 
 
-def _check_call(model_dirs: Sequence[str | Path], input_hashes: Sequence[str] | None,
+def _check_call(out_dir: str | Path, model_dirs: Sequence[str | Path], input_hashes: Sequence[str] | None,
                 out_dtype: torch.dtype | None) -> None:
     """The API arguments plan_merge does not see, checked before any work."""
+    if not str(out_dir).strip():  # Path("") is the current directory
+        raise MergeConfigError("the output directory is empty ('' given); name the directory to write (--out DIR)")
     if isinstance(model_dirs, (str, Path)):  # list() would split a path into characters
         raise MergeConfigError(f"model_dirs must be a list of checkpoint paths, got the single path "
                                f"{str(model_dirs)!r}; wrap it in a list")

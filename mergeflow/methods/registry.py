@@ -54,6 +54,13 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
+        from mergeflow.mudsc.registry import MODEL_METHODS
+
+        if name in MODEL_METHODS:
+            raise ValueError(
+                f"{name!r} is a model-level method: it merges models with different initialisations "
+                "from their graphs and activations, not from checkpoints of one base. Run it with "
+                "`python -m flows.mudsc`, or call mergeflow.mudsc from Python") from None
         raise ValueError(
             f"unknown merge method {name!r}; available: {', '.join(sorted(_REGISTRY))} "
             "(`mergeflow methods` lists them with their hyperparameters)"

@@ -152,6 +152,16 @@ def index_swapping_two_shards(model_dir: Path) -> Path:
     return _index(model_dir, {"layer.weight": second, **dict.fromkeys(sd, first)})
 
 
+def config_not_an_object(model_dir: Path) -> Path:
+    (model_dir / "config.json").write_text("[1, 2]")
+    return model_dir
+
+
+def vocab_size_as_text(model_dir: Path) -> Path:
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "toy", "vocab_size": "32"}))
+    return model_dir
+
+
 def only_config(model_dir: Path) -> Path:
     """A directory with config.json and no weights (a download that failed half way)."""
     weights_file(model_dir).unlink()
