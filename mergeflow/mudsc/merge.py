@@ -8,6 +8,12 @@
 
 Each model is a `Classifier` (a `backbone` and a `head`); backbones share one architecture.
 `images` are unlabelled training images: activation statistics and the BatchNorm resets use them.
+
+The heads stay out of the weight-space similarity. Each model's head is over its own task's
+classes, so column c of one head and column c of another are unrelated classes; the official
+code adds the head's input columns to the backbone output's unit vectors (unless `ignore_head`),
+which compares like with like only when every model has the same classes. Each head is then
+unmerged onto the merged features (W_k U_k), never averaged.
 """
 
 from __future__ import annotations
