@@ -35,30 +35,38 @@ def signature_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[tupl
 BASE_ONLY_CHOICES = ("error", "copy")
 
 
-def base_only_names(base: Signature, models: Sequence[Signature], base_only_tensors: str = "error") -> set[str]:
-    """The base's tensors that no fine-tuned model has, when `base_only_tensors` is "copy".
+def check_compatible(base: Signature, models: Sequence[Signature], labels: Sequence[str] | None = None,
+                     max_report: int = 5, base_only_tensors: str = "error") -> set[str]:
+    """Raise IncompatibleCheckpoints naming the first mismatches; if all agree, return the
+    base's tensors that are to be copied from it because no model has them.
 
     Fine-tunes are often saved without the parts they did not train: vision-only CLIP experts
-    (FusionBench's) next to a full CLIP base with its text tower. With "copy", such tensors are
-    copied from the base unchanged, like integer buffers. A tensor that only some models lack is
-    still an error (check_compatible): a model that lost part of its weights is a broken input.
-    With "error" (the default), every missing tensor is reported by check_compatible."""
+    (FusionBench's) next to a full CLIP base with its text tower. With base_only_tensors="copy",
+    the tensors that no model has are copied from the base unchanged, like integer buffers; a
+    tensor that only some models lack is still an error (a model that lost part of its weights is
+    a broken input). With "error" (the default), every missing tensor is an error."""
     if base_only_tensors not in BASE_ONLY_CHOICES:
         raise ValueError(f"base_only_tensors={base_only_tensors!r}; use 'error' (refuse checkpoints that lack "
                          "tensors of the base) or 'copy' (copy the tensors no model has from the base)")
-    if base_only_tensors == "error" or not models:
-        return set()
-    return set(base).difference(*(set(sig) for sig in models))
-
-
-def check_compatible(base: Signature, models: Sequence[Signature], labels: Sequence[str] | None = None,
-                     max_report: int = 5, base_only: set[str] = frozenset(), copying_base_only: bool = False) -> None:
-    """Raise IncompatibleCheckpoints naming the first mismatches; return None if all agree.
-
-    `base_only` (from `base_only_names`) are tensors no model is expected to have;
-    `copying_base_only` says that the caller asked for them to be copied (no hint to do so)."""
+    copying = base_only_tensors == "copy"
+    base_only = set(base).difference(*(set(sig) for sig in models)) if copying and models else set()
     labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
-    base = {k: v for k, v in base.items() if k not in base_only}
+    problems = _mismatches({k: v for k, v in base.items() if k not in base_only}, models, labels, max_report)
+    if problems:
+        raise IncompatibleCheckpoints(
+            "checkpoints cannot be merged:\n  - " + "\n  - ".join(problems[:max_report])
+            + "\nAll models must share the base's tensor names, shapes and dtypes (fine-tunes of the "
+            "same pretrained checkpoint); only the precision of float tensors may differ."
+            + ("" if copying or not any("lacks" in p for p in problems) else
+               " If the models were saved without part of the base (vision-only experts of a full CLIP, "
+               "say), base_only_tensors: copy (a recipe key, or merge's argument) copies from the base "
+               "the tensors that no model has.")
+        )
+    return base_only
+
+
+def _mismatches(base: Signature, models: Sequence[Signature], labels: Sequence[str], max_report: int) -> list[str]:
+    """The first `max_report` differences in names, shapes and dtypes (other than float precision)."""
     problems: list[str] = []
     for label, sig in zip(labels, models, strict=True):
         missing = sorted(set(base) - set(sig))
@@ -77,16 +85,7 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
                 break
         if len(problems) >= max_report:
             break
-    if problems:
-        raise IncompatibleCheckpoints(
-            "checkpoints cannot be merged:\n  - " + "\n  - ".join(problems[:max_report])
-            + "\nAll models must share the base's tensor names, shapes and dtypes (fine-tunes of the "
-            "same pretrained checkpoint); only the precision of float tensors may differ."
-            + ("" if copying_base_only or not any("lacks" in p for p in problems) else
-               " If the models were saved without part of the base (vision-only experts of a full CLIP, "
-               "say), base_only_tensors: copy (a recipe key, or merge's argument) copies from the base "
-               "the tensors that no model has.")
-        )
+    return problems
 
 
 def precision_notes(base: Signature, models: Sequence[Signature], labels: Sequence[str]) -> list[str]:

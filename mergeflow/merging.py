@@ -9,7 +9,6 @@ import torch
 from pydantic import ValidationError
 
 from mergeflow.compatibility import (
-    base_only_names,
     check_compatible,
     check_finite,
     check_finite_output,
@@ -41,9 +40,7 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], *, base_
     _check_distinct(m, base, finetuned)
     check_lam_count(params, len(finetuned))
     base_signature, signatures = signature_of(base), [signature_of(sd) for sd in finetuned]
-    base_only = base_only_names(base_signature, signatures, base_only_tensors)
-    check_compatible(base_signature, signatures, base_only=base_only,
-                         copying_base_only=base_only_tensors == "copy")
+    base_only = check_compatible(base_signature, signatures, base_only_tensors=base_only_tensors)
     float_names = [k for k in sorted(base) if is_mergeable(base[k].dtype) and k not in base_only]
     _check_something_to_merge(base, float_names)
     if m.check_inputs is not None:

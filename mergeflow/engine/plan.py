@@ -22,7 +22,6 @@ from pydantic import ValidationError
 
 from mergeflow.checkpoint import TensorInfo
 from mergeflow.compatibility import (
-    base_only_names,
     check_compatible,
     is_mergeable,
     precision_notes,
@@ -129,9 +128,7 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     _check_vocab(base, models, labels)
     base_signature, signatures = base.checkpoint.signature(), [s.checkpoint.signature() for s in models]
     try:
-        base_only = base_only_names(base_signature, signatures, base_only_tensors)
-        check_compatible(base_signature, signatures, labels, base_only=base_only,
-                         copying_base_only=base_only_tensors == "copy")
+        base_only = check_compatible(base_signature, signatures, labels, base_only_tensors=base_only_tensors)
     except ValueError as err:
         raise MergeConfigError(str(err)) from None
     if out_dir is not None:
