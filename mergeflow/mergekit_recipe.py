@@ -10,8 +10,8 @@ Supported `merge_method`s and what they become (mergekit semantics, per tensor):
   `normalize: false` the sum of the weighted agreeing entries -> ties(agg="sum", lam=[w_i * lambda]).
 - `dare_ties`: as ties with the random drop (p = 1 - density)   -> dare_ties(p, agg, lam)
 - `dare_linear`: random drop, weighted sum                      -> dare(p, lam=[w_i])
-- `linear` with equal weights and normalize: the mean of every listed model (base_model too,
-  when it is listed; base_model is optional)                   -> average
+- `linear` with normalize (its default): the weighted mean of every listed model (base_model
+  too, when it is listed; base_model is optional)              -> average(weights=[w_i])
 - `slerp` between `base_model` and one other model, scalar t    -> slerp(t), models [base, other]
 `dtype` / `out_dtype` become the output dtype (mergeflow always computes in float32).
 `tokenizer_source: base` (or `tokenizer: {source: base}`) is accepted: mergeflow copies the base
@@ -33,7 +33,7 @@ in float32):
   float32, rounding once at the end.
 Everything else that
 mergekit can express but mergeflow cannot (per-model densities that differ, per-layer gradient
-lists, tensor filters, slices, tokenizer merging, unequal linear weights, ...) is an
+lists, tensor filters, slices, tokenizer merging, linear without normalize, ...) is an
 error that names the field.
 """
 
@@ -140,10 +140,7 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
         raise fail("parameters.rescale: false is not supported (DARE always rescales by 1/(1-p))")
     equal = len(set(weights)) == 1
     if method == "linear":
-        if not equal:
-            raise fail(f"models[*].parameters.weight: unequal weights {weights} for linear are not "
-                       "supported; use equal weights (mergeflow's average)")
-        return _linear(out, models, weights[0], normalize, lam, fail)
+        return _linear(out, models, weights, normalize, lam, fail)
     lam_value: float | list[float]
     if normalize and not equal:
         lam_value = _weighted_lams(method, weights, lam, fail)
@@ -199,19 +196,19 @@ def _normalized_lam(method: str, weight: float, n: int, lam: float) -> float:
     return lam / n
 
 
-def _linear(out: dict[str, Any], models: list[str], weight: float, normalize: bool, lam: float,
+def _linear(out: dict[str, Any], models: list[str], weights: list[float], normalize: bool, lam: float,
             fail: Fail) -> dict[str, Any]:
     """mergekit linear (sum_i w_i theta_i / sum_i w_i over the listed models) as mergeflow's average."""
     if not normalize or lam != 1.0:
         raise fail("linear without normalize (or with lambda) is not supported; use task_arithmetic")
-    if weight == 0:  # mergekit's linear has no divisor guard: 0 / 0 in every entry
-        raise fail("models[*].parameters.weight: every weight is 0, so mergekit's linear divides by a "
-                   "zero sum (a NaN model); give the models equal non-zero weights")
+    if sum(weights) == 0:  # mergekit's linear has no divisor guard: 0 / 0
+        raise fail(f"models[*].parameters.weight: the weights {weights} sum to 0, so mergekit's linear "
+                   "divides by a zero sum (a NaN model); give weights whose sum is not 0")
     # average ignores the base's tensors: it only supplies the non-float tensors and the config
     # and tokenizer files, which every listed model shares, so without a base_model the first
     # listed model serves.
     return {**out, "base": out["base"] or models[0], "method": "average", "models": models,
-            "hyperparameters": {}}
+            "hyperparameters": {"weights": list(weights)}}
 
 
 def _same_model(a: str, b: str | None) -> bool:

@@ -138,6 +138,32 @@ def test_task_arithmetic_and_average_by_hand():
     assert torch.equal(ta["ids"], base["ids"])  # integer buffers come from the base
     avg = mergeflow.merge("average", base, fts)
     assert torch.equal(avg["w"], torch.tensor([1.5, 3.5]))
+    # weighted (mergekit's linear): (3 * [2, 2] + 1 * [1, 5]) / 4
+    weighted = mergeflow.merge("average", base, fts, weights=[3.0, 1.0])
+    assert torch.equal(weighted["w"], torch.tensor([1.75, 2.75])) and torch.equal(weighted["ids"], base["ids"])
+    with pytest.raises(ValueError, match="got 3 weights for 2 models"):
+        mergeflow.merge("average", base, fts, weights=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"weights: \[1.0, -1.0\] sum to 0"):
+        mergeflow.merge("average", base, fts, weights=[1.0, -1.0])
+
+
+def test_weighted_average_rounds_like_mergekits_linear():
+    """mergekit's linear adds each w_i * theta_i with a fused multiply-add (addcmul_), then
+    divides by sum_i w_i: the product is not rounded on its own, so a separate multiply and
+    add differ in the last bit of some entries. The reference is exact float64 arithmetic,
+    rounded where the fused operations round."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+    w = torch.tensor([1.0, 0.3])
+    first = (a.double() * w[0].double()).float()  # 0 + a * w0: one rounding
+    fused = (first.double() + b.double() * w[1].double()).float()  # + b * w1, rounded once
+    if not torch.equal(torch.zeros(4096).addcmul_(a, w[0]).addcmul_(b, w[1]), fused):
+        pytest.skip("this CPU's addcmul_ does not fuse (no FMA): mergekit's rounding is a plain multiply-add here")
+    expected = fused / w.sum()
+    unfused = (w[0] * a + w[1] * b) / w.sum()
+    assert not torch.equal(expected, unfused)  # the test tells the two apart
+    got = mergeflow.merge("average", {"x": torch.zeros(4096)}, [{"x": a}, {"x": b}], weights=[1.0, 0.3])["x"]
+    assert torch.equal(got, expected)
 
 
 def test_merge_keeps_dtype_and_refuses_mismatches():

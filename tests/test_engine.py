@@ -67,6 +67,7 @@ CASES = [
     ("dare_ties", {"p": 0.3, "agg": "mean", "seed": 1}, 3),
     ("slerp", {"t": 0.3}, 2),
     ("average", {}, 3),
+    ("average", {"weights": [0.5, 0.3, 1.7]}, 3),
 ]
 
 

@@ -90,6 +90,10 @@ def test_mergekit_other_methods():
     dt = from_mergekit(dict(base, merge_method="dare_ties", parameters={"density": 0.1}))
     assert dt["method"] == "dare_ties" and dt["hyperparameters"]["agg"] == "sum"
     assert abs(dt["hyperparameters"]["p"] - 0.9) < 1e-12 and dt["hyperparameters"]["lam"] == 0.3
+    linear = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}},
+                                                   {"model": "b", "parameters": {"weight": 0.3}}]}
+    assert from_mergekit(linear) == {"base": "a", "dtype": None, "method": "average", "models": ["a", "b"],
+                                     "hyperparameters": {"weights": [1.0, 0.3]}}
     slerp = from_mergekit({"merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "x"}],
                            "parameters": {"t": 0.25}})
     assert slerp == {"base": "base", "dtype": None, "method": "slerp", "models": ["base", "x"], "hyperparameters": {"t": 0.25}}
@@ -102,7 +106,9 @@ def test_mergekit_other_methods():
     ({"merge_method": "breadcrumbs"}, "merge_method"),
     ({"slices": []}, "slices"),
     ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 2.0}}],
-      "merge_method": "linear"}, "unequal weights"),
+      "merge_method": "linear", "parameters": {"normalize": False}}, "linear without normalize"),
+    ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": -1.0}}],
+      "merge_method": "linear"}, r"weights \[1.0, -1.0\] sum to 0"),
     ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 2.0}}],
       "parameters": {"lambda": 0.5}}, "parameters.lambda"),
     ({"parameters": {"rescale": False}, "merge_method": "dare_ties"}, "rescale"),

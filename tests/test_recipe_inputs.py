@@ -51,7 +51,7 @@ def test_mergekit_linear_keeps_a_listed_base_model():
            "models": [{"model": "base", "parameters": {"weight": 1.0}}, {"model": "a", "parameters": {"weight": 1.0}},
                       {"model": "b", "parameters": {"weight": 1.0}}]}
     assert from_mergekit(cfg) == {"base": "base", "dtype": None, "method": "average",
-                                  "models": ["base", "a", "b"], "hyperparameters": {}}
+                                  "models": ["base", "a", "b"], "hyperparameters": {"weights": [1.0, 1.0, 1.0]}}
     # Task-vector methods still drop it: mergekit gives the base no task vector.
     cfg["models"][0] = {"model": "base"}
     assert from_mergekit(dict(cfg, merge_method="task_arithmetic"))["models"] == ["a", "b"]
@@ -108,7 +108,7 @@ def test_mergekit_tiny_equal_weights_without_consensus_are_not_normalised():
 def test_mergekit_linear_all_zero_weights_are_refused():
     # mergekit's linear has no guard: sum 0 * theta / 0 is a NaN model.
     cfg = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 0}} for m in ("a", "b")]}
-    with pytest.raises(MergekitRecipeError, match="every weight is 0"):
+    with pytest.raises(MergekitRecipeError, match=r"the weights \[0.0, 0.0\] sum to 0"):
         from_mergekit(cfg)
 
 
