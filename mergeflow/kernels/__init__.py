@@ -87,6 +87,9 @@ def _warm_up(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
     except Exception as e:  # the torch code serves every unit instead: slower, same bytes
         print(f"mergeflow: note: the fused CPU kernels are unavailable ({type(e).__name__}: {e}); "
               "merging with the torch code", file=sys.stderr)
+        return
+    for pair in pairs:  # only now: the scipy guard has left sys.meta_path
+        _prepared[pair].set()
 
 
 def _load(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
@@ -103,7 +106,6 @@ def _load(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
         window.abs_delta_windows(raw, [(torch.zeros(2), torch.ones(2))])
         pcb.score_arguments(raw, torch.zeros(2), torch.ones(2), 1.0)
         pcb.merge_nlp(raw, out, torch.arange(8), (torch.zeros(2), torch.ones(2)) * 2, 1.0, torch.tanh_, 1.0)
-        _prepared[(stored, output)].set()
 
 
 def storage_array(t: torch.Tensor) -> np.ndarray:
