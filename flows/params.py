@@ -179,7 +179,7 @@ class MethodChoice(BaseModel):
         if len(hp) > LABEL_MAX_HPARAMS:
             fields = get_method(self.method).hyperparams.model_fields
             hp = {k: v for k, v in hp.items() if k in given or v != _json(fields[k].default)}
-        shown = dict(sorted(hp.items()))
+        shown = {k: v for k, v in sorted(hp.items()) if v is not None or k in given}  # an unset option says nothing
         label = self.method + (f"({','.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
         return label + (f"+{self.search.label()}" if self.search is not None else "")
 

@@ -70,7 +70,7 @@ def test_zoo_spec_is_validated_by_the_zoo():
 def test_hyperparameters_apply_to_the_method_that_declares_them():
     # `dvc exp run -S merge.method=average` must work with `merge.lam` still in the file.
     p = validate_params({"merge": {"method": "average", "lam": 0.5}})
-    assert p.merge.hparams() == {}
+    assert p.merge.hparams() == {"weights": None} and p.merge.label == "average"  # an unset option: no label
     p = validate_params({"merge": {"method": "task_arithmetic", "lam": 0.5}})
     assert p.merge.hparams() == {"lam": 0.5}
     assert p.merge.label == "task_arithmetic(lam=0.5)"
