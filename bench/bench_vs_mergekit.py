@@ -40,13 +40,16 @@ RECIPES = {
     "ties": ("ties", {"weight": 1.0, "density": 0.2}, None),
     "ties/weighted": ("ties", {"weight": [0.6, 0.3, 0.1], "density": 0.2}, None),  # a weighted mean
     "dare_ties": ("dare_ties", {"weight": 1.0, "density": 0.1}, None),
+    "linear/weighted": ("linear", {"weight": [1.0, 0.3, 0.5]}, None),  # a weighted average
 }
-COMPARED = {"task_arithmetic", "ties", "ties/weighted"}  # deterministic in both tools
+COMPARED = {"task_arithmetic", "ties", "ties/weighted", "linear/weighted"}  # deterministic in both tools
 
 
 def recipe(case: str, root: Path, models: int, dtype: str) -> str:
     method, params, lam = RECIPES[case]
-    lines = [f"merge_method: {method}", f"base_model: {root / 'base'}", f"dtype: {dtype}", "models:"]
+    lines = [f"merge_method: {method}", f"dtype: {dtype}", "models:"]
+    if method != "linear":  # mergekit's linear would average a base_model in, and wants a weight for it
+        lines.insert(1, f"base_model: {root / 'base'}")
     for i in range(models):
         values = {k: (v[i % len(v)] if isinstance(v, list) else v) for k, v in params.items()}
         listed = ", ".join(f"{k}: {v}" for k, v in values.items())
