@@ -56,12 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mergeflow.stop_signals import install_stop_handlers, restore_handlers
+
     args = build_parser().parse_args(argv)
+    previous = install_stop_handlers()  # Ctrl-C and SIGTERM: unwind, or exit within seconds
     try:
         return _call(args.target, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore_handlers(previous)
 
 
 def program() -> None:

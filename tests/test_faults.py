@@ -331,11 +331,11 @@ def test_sigterm_mid_merge_leaves_no_temp_dir(tmp_path: Path) -> None:
 STUCK_UNWIND = """
 import sys, time
 from pathlib import Path
-from mergeflow import recipe_cli
+from mergeflow import stop_signals
 from mergeflow.checkpoint_writer import CheckpointWriter
 
-recipe_cli.STOP_GRACE_SECONDS = float(sys.argv[2])
-recipe_cli.install_stop_handlers()
+stop_signals.STOP_GRACE_SECONDS = float(sys.argv[2])
+stop_signals.install_stop_handlers()
 writer = CheckpointWriter(Path(sys.argv[1]))
 try:
     print(writer.tmp_dir, flush=True)  # inside the try: the test signals once it reads this
