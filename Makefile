@@ -15,11 +15,12 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup bytecode run test test-integration test-fast lint bench clean ui help
+.PHONY: setup bytecode run repro test test-integration test-fast lint bench clean ui help
 
 help:
 	@echo "make run    set up, then run the default merge pipeline on the embedded zoo"
 	@echo "make test   set up, then run the test suite"
+	@echo "make repro  set up, then dvc repro (the stages run the venv's mergeflow)"
 	@echo "make test-integration   real Prefect/MLflow servers, Dask, DVC remote (CI step 2)"
 	@echo "make ui     open the MLflow UI on the project's tracking store"
 	@echo "make bench  run the benchmarks in bench/"
@@ -56,6 +57,10 @@ data:
 
 run: setup
 	$(BIN)/mergeflow run params.yaml
+
+# dvc.yaml's stages call `mergeflow`: the venv goes first on PATH.
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	$(BIN)/python -m pytest -q -x --durations=15 -m "not integration"
