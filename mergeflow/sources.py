@@ -379,6 +379,35 @@ def _cached_content_hash(path: Path, *, allow_pickle: bool) -> tuple[str, int, i
         tmp = entry.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")  # callers may be threads
         tmp.write_text(json.dumps(record))
         tmp.replace(entry)
+        prune_hash_cache()
     except OSError:
         pass
     return record["content_hash"], record["n_tensors"], record["nbytes"]
+
+
+PRUNE_ABOVE = 256  # entries; below that the cache is not worth a look
+_pruned = threading.Event()
+
+
+def prune_hash_cache() -> int:
+    """Delete the cache entries that can never be hit again: their checkpoint is gone, or its
+    files changed (the entry's key is the old stat fingerprint). Once per process, when the
+    cache holds more than PRUNE_ABOVE entries, after a hash was computed (seconds of reading,
+    next to which a few hundred stats are nothing). Returns how many entries went."""
+    if _pruned.is_set():
+        return 0
+    _pruned.set()
+    entries = list(_hash_cache_dir().glob("*.json"))
+    if len(entries) <= PRUNE_ABOVE:
+        return 0
+    removed = 0
+    for entry in entries:
+        try:
+            path = Path(json.loads(entry.read_text())["path"])
+            stale = not path.exists() or stat_fingerprint(path) != entry.stem
+        except (OSError, ValueError, KeyError, TypeError):
+            stale = True
+        if stale:
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -20,6 +20,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never touch the project's .prefect/: Prefect's home (settings, result store) is a temp dir.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mergeflow-prefect-home-")
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+# Nor the user's cache of checkpoint content hashes (~/.cache/mergeflow/hashes): every test's
+# temp checkpoints would add entries there.
+os.environ["MERGEFLOW_HASH_CACHE"] = tempfile.mkdtemp(prefix="mergeflow-hash-cache-")
+atexit.register(shutil.rmtree, os.environ["MERGEFLOW_HASH_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

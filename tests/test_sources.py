@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,21 @@ def test_content_hash_is_cached_on_stat_and_recomputed_when_files_change(tmp_pat
     assert stat_fingerprint(path) != before
     changed = resolve_checkpoint(str(path))
     assert len(calls) == 2 and changed.content_hash == hash_checkpoint(path) != first.content_hash
+
+
+def test_entries_that_can_never_be_hit_again_are_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "PRUNE_ABOVE", 2)
+    paths = [save_checkpoint(_state(i), tmp_path / f"m{i}") for i in range(3)]
+    for path in paths:
+        resolve_checkpoint(str(path))  # the first new entry already pruned (nothing): once per process
+    cache = tmp_path / "hash-cache"
+    assert len(list(cache.glob("*.json"))) == 3
+    shutil.rmtree(paths[0])  # gone
+    os.utime(paths[1] / "model.safetensors", ns=(0, 10**9))  # changed: a new fingerprint
+    monkeypatch.setattr(sources, "_pruned", threading.Event())  # a new process
+    resolve_checkpoint(str(save_checkpoint(_state(3), tmp_path / "m3")))
+    kept = {json.loads(e.read_text())["path"] for e in cache.glob("*.json")}
+    assert kept == {str(paths[2].resolve()), str((tmp_path / "m3").resolve())}
 
 
 # ---- Hugging Face hub, offline against a real cache layout ----
