@@ -342,6 +342,8 @@ def test_output_has_manifest_card_side_files_and_is_deterministic(zoo, tmp_path)
     assert manifest["output_hash"] == a.output_hash and manifest["mergeflow_version"] == mergeflow.__version__
     card = (tmp_path / "a" / "README.md").read_text()
     assert "ties" in card and a.output_hash in card
+    assert "library_name" not in card  # a toy config, not a transformers architecture
+    assert "merged from Python (`merge_checkpoints`), not from a recipe" in card  # no recipe to point to
     assert json.loads((tmp_path / "a" / "config.json").read_text()) == CONFIG
     # Re-running onto an earlier mergeflow output replaces it atomically.
     c = merge_checkpoints("ties", zoo["base_dir"], zoo["ft_dirs"], tmp_path / "a", hp, progress=False,

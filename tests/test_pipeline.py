@@ -86,6 +86,15 @@ def test_first_run_computes_every_step_and_writes_the_outputs(project):
 
     merged = root / "outputs" / "merged"
     assert (merged / "model.safetensors").is_file()
+    # The manifest's recipe is the merge: `mergeflow merge` on it gives the same bytes.
+    from mergeflow.engine import merge_checkpoints
+    from mergeflow.recipe import parse_recipe
+
+    manifest = json.loads((merged / "mergeflow_manifest.json").read_text())
+    recipe = parse_recipe(manifest["recipe"])
+    again = merge_checkpoints(recipe.method, recipe.base, recipe.models, root / "again", recipe.hyperparameters,
+                              progress=False)
+    assert again.output_hash == manifest["output_hash"]
     zoo = root / "outputs" / "zoo"
     assert (zoo / "zoo.json").is_file() and (zoo / "experts" / "digits").is_dir()
     metrics = json.loads((root / "outputs" / "metrics.json").read_text())

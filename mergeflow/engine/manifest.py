@@ -32,7 +32,7 @@ def model_card(manifest: dict) -> str:
     lines = [
         "---",
         "tags: [merge, mergeflow]",
-        "library_name: transformers",
+        *(["library_name: transformers"] if manifest.get("transformers") else []),
         "---",
         "",
         f"# Merged model ({manifest['method']})",
@@ -53,7 +53,10 @@ def model_card(manifest: dict) -> str:
         f"Output content hash: `{manifest['output_hash']}` ({manifest['tensors']} tensors). "
         "Integer and boolean tensors are copied from the base.",
         "",
-        "Reproduce: `mergeflow merge RECIPE.yaml --out DIR` with the recipe in `mergeflow_manifest.json`.",
+        "Reproduce: " + ("`mergeflow merge RECIPE.yaml --out DIR` with the recipe in `mergeflow_manifest.json`."
+                         if manifest.get("recipe") else
+                         "merged from Python (`merge_checkpoints`), not from a recipe: a recipe with the "
+                         "inputs, method and hyperparameters above gives the same bytes."),
         "",
     ]
     return "\n".join(lines)

@@ -352,6 +352,8 @@ def _manifest(plan: MergePlan, stats: GlobalStats, hashes: list[str], output_has
         "merged_tensors": len(plan.float_names),
         "global_stats": {k: v.tolist() for k, v in stats.items()},
         "side_files": side_files,
+        # A transformers model (its config names an architecture): the card says so for the hub.
+        "transformers": "architectures" in (plan.base.checkpoint.config or {}),
         "notes": plan.notes,
         "recipe": recipe,
     }
