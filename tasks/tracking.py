@@ -29,7 +29,9 @@ What a merge run holds:
   average) and `report.json`;
 - tags: `mergeflow.version`, `mergeflow.method`, `mergeflow.git_commit` (+ `mlflow.source.git.commit`),
   `mergeflow.git_dirty`, `mergeflow.dvc_lock_hash` (sha256 of the project's dvc.lock when there is
-  one: the lock of the last completed `dvc repro`), `mergeflow.input_hash.<name>`,
+  one: the lock the run started from, as DVC writes a stage's lock after it), under DVC the
+  stage and, for `dvc exp run`, the experiment's name and baseline commit (`mergeflow.dvc_stage`,
+  `mergeflow.dvc_exp_name`, `mergeflow.dvc_exp_baseline_rev`), `mergeflow.input_hash.<name>`,
   `mergeflow.output_hash`.
 
 Store: `tracking_uri` if given, else env `MLFLOW_TRACKING_URI`, else `sqlite:///<project>/mlflow.db`.
@@ -230,6 +232,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# Environment variables DVC sets for the stage commands it runs (dvc repro, dvc exp run).
+DVC_RUN_TAGS = {"DVC_STAGE": "dvc_stage", "DVC_EXP_NAME": "dvc_exp_name",
+                "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev"}
+
+
 def lineage_tags(
     project_dir: str | Path,
     input_hashes: Mapping[str, str] | None = None,
@@ -245,8 +252,11 @@ def lineage_tags(
         tags[TAG_PREFIX + "git_commit"] = tags["mlflow.source.git.commit"] = commit
         tags[TAG_PREFIX + "git_dirty"] = str(bool(_git(project, "status", "--porcelain", "--untracked-files=no")))
     lock = project / "dvc.lock"
-    if lock.is_file():
+    if lock.is_file():  # the lock the run started from: DVC writes this stage's only after it
         tags[TAG_PREFIX + "dvc_lock_hash"] = hashlib.sha256(lock.read_bytes()).hexdigest()
+    for variable, tag in DVC_RUN_TAGS.items():  # set by DVC for a stage it runs
+        if os.environ.get(variable):
+            tags[TAG_PREFIX + tag] = os.environ[variable]
     for name, h in sorted((input_hashes or {}).items()):
         tags[f"{TAG_PREFIX}input_hash.{name}"] = h
     if output_hash:

@@ -86,6 +86,20 @@ def test_merge_run_records_metrics_params_tags_and_artifacts(tracker, project):
     assert report["method"] == "task_arithmetic" and report["metrics"]["accuracy/mnist"] == 0.80
 
 
+def test_under_dvc_the_stage_and_the_experiment_are_tagged(project, monkeypatch):
+    from tasks.tracking import lineage_tags
+
+    for variable in ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(variable, raising=False)
+    assert not any(k.startswith("mergeflow.dvc_stage") or "dvc_exp" in k for k in lineage_tags(project))
+    monkeypatch.setenv("DVC_STAGE", "merge")
+    monkeypatch.setenv("DVC_EXP_NAME", "civil-holy")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abc")
+    tags = lineage_tags(project)
+    assert (tags["mergeflow.dvc_stage"], tags["mergeflow.dvc_exp_name"], tags["mergeflow.dvc_exp_baseline_rev"]) == (
+        "merge", "civil-holy", "0123abc")
+
+
 def test_sweep_child_runs_nest_under_a_parent(tracker):
     with tracker.parent_run("sweep task_arithmetic", params={"grid": {"lam": [0.1, 0.5]}}) as parent:
         children = [tracker.log_merge_run(method="task_arithmetic", hyperparams={"lam": lam},
