@@ -158,10 +158,10 @@ class MethodChoice(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
-            # "[field]" is joined onto the section's location by _format_errors.
+            where = f"[{field}] " if field else ""  # joined onto the section's location by _format_errors
             raise ValueError(
-                f"[{field}] {first['msg']} (method {self.method!r}; `mergeflow methods` lists "
-                "valid values)") from None
+                f"{where}{first['msg'].removeprefix('Value error, ')} (method {self.method!r}; "
+                "`mergeflow methods` lists valid values)") from None
         if self.search is not None:
             hp.pop("lam", None)  # the search supplies it (flows/preparation.py)
         return hp

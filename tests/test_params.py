@@ -40,7 +40,10 @@ def test_misspelt_hyperparameter_is_named_with_its_section():
 
 def test_bad_hyperparameter_value_names_the_field():
     msg = _error({"merge": {"method": "task_arithmetic", "lam": "a lot"}})
-    assert "merge.lam" in msg and "number" in msg
+    assert "merge.lam: 'a lot' holds a string where a number is expected" in msg
+    msg = _error({"merge": {"method": "ties", "agg": "weighted_mean"}})  # a check across fields
+    assert "  merge: agg='weighted_mean' divides by the per-task lams" in msg
+    assert "Value error" not in msg and "[]" not in msg  # pydantic's wording stays inside
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
