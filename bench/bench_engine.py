@@ -6,7 +6,7 @@ subprocess (clean peak RSS, from getrusage in the child) and prints one table:
                    units, threads and writer and no arithmetic
   floor/plain      the same with plain safetensors calls on one thread (`safe_open` and
                    `get_tensor` for every tensor, `save_file` for the base's): the figure the
-                   issue and DESIGN.md quote ("about 4.5 s" at 0.5B, base + 3)
+                   issue quotes ("about 4.5 s" at 0.5B, base + 3)
   task_arithmetic  mergeflow engine, lam 0.3
   ties/global      official TIES (k 0.2, whole-model trim: exact streaming quantiles)
   ties/tensor      mergekit-style per-tensor trim

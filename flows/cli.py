@@ -1,7 +1,7 @@
 """`mergeflow run | zoo | sweep`: load and validate params, set up a quiet offline Prefect, run.
 
-Environment first: Prefect reads its settings at import, so the quiet/offline variables of
-DESIGN.md and PREFECT_HOME (inside the project) are set here, before anything imports prefect,
+Environment first: Prefect reads its settings at import, so the quiet/offline variables below
+(QUIET_OFFLINE) and PREFECT_HOME (inside the project) are set here, before anything imports prefect,
 unless the user already set them. PREFECT_API_URL, when set, sends the runs to that server;
 otherwise Prefect starts its ephemeral API for the duration of the command.
 """

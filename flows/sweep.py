@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.merge import evaluate, expert_accuracy, gather_inputs
 from flows.params import MethodChoice, Params, expand_grid
 from flows.preparation import MergeInputs, prepare
+from flows.report import format_accuracy_table
 from tasks.evaluate import evaluate_model
 from tasks.merge import merge_models
 
@@ -122,12 +123,9 @@ def format_sweep(result: dict[str, Any]) -> str:
     lines.append("test accuracy (%) of the chosen settings (chosen on val, never on test)")
     rows = {"pretrained": result["pretrained"], "experts": result["experts"],
             **{r["chosen"]: r["test"] for r in result["methods"].values()}}
-    width = max(len("model"), *(len(k) for k in rows))
-    lines.append("  ".join(["model".ljust(width), *(t.rjust(11) for t in tasks), "    avg", "   norm"]))
-    for name, acc in rows.items():
-        norm = _mean({t: acc[t] / result["experts"][t] for t in tasks}, tasks)
-        lines.append("  ".join([name.ljust(width), *(f"{100 * acc[t]:11.2f}" for t in tasks),
-                                f"{100 * _mean(acc, tasks):7.2f}", f"{100 * norm:7.2f}"]))
+    lines.append(format_accuracy_table(tasks, {
+        name: (acc, _mean(acc, tasks), _mean({t: acc[t] / result["experts"][t] for t in tasks}, tasks))
+        for name, acc in rows.items()}))
     return "\n".join(lines)
 
 

