@@ -3,11 +3,19 @@ stopped even when a test fails."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from live_servers import Processes, Servers, start_servers, tiny_project
+
+# Dask's workers spill into <tmp>/dask-scratch-space by default, and leave it there.
+os.environ["DASK_TEMPORARY_DIRECTORY"] = tempfile.mkdtemp(prefix="mergeflow-dask-")
+atexit.register(shutil.rmtree, os.environ["DASK_TEMPORARY_DIRECTORY"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
