@@ -106,21 +106,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def format_report_table(report: dict[str, Any]) -> str:
     """The per-task accuracy table (%) of a report dict: pretrained, experts, each merge."""
+    from mergeflow.evaluation import format_accuracy_table
+
     rows = {"pretrained": report["pretrained"], "experts": report["experts"],
             **{m["label"]: m for m in report["merges"]}}
-    return format_accuracy_table(report["tasks"], {
-        name: (row["accuracy"], row["average"], row["normalized_average"]) for name, row in rows.items()})
-
-
-def format_accuracy_table(tasks: list[str], rows: dict[str, tuple[dict[str, float], float, float]]) -> str:
-    """One line per model: accuracy per task, average and normalized average, in %; `rows` maps
-    a model's name to (accuracy per task, average, normalized average). Columns fit their names."""
-    name_w = max(len("model"), *(len(r) for r in rows))
-    col_w = [max(7, len(t)) for t in tasks]
-    header = "  ".join(["model".ljust(name_w), *(t.rjust(w) for t, w in zip(tasks, col_w, strict=True)),
-                        "    avg", "   norm"])
-    lines = [header, "-" * len(header)]
-    for name, (accuracy, average, normalized) in rows.items():
-        cells = [f"{100 * accuracy[t]:.2f}".rjust(w) for t, w in zip(tasks, col_w, strict=True)]
-        lines.append("  ".join([name.ljust(name_w), *cells, f"{100 * average:7.2f}", f"{100 * normalized:7.2f}"]))
-    return "\n".join(lines)
+    return format_accuracy_table({name: row["accuracy"] for name, row in rows.items()}, report["tasks"],
+                                 normalized={name: row["normalized_average"] for name, row in rows.items()})

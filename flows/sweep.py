@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.merge import evaluate, expert_accuracy, gather_inputs
 from flows.params import MethodChoice, Params, expand_grid
 from flows.preparation import MergeInputs, prepare
-from flows.report import format_accuracy_table
+from mergeflow.evaluation import format_accuracy_table
 from tasks.evaluate import evaluate_model
 from tasks.merge import merge_models
 
@@ -123,9 +123,8 @@ def format_sweep(result: dict[str, Any]) -> str:
     lines.append("test accuracy (%) of the chosen settings (chosen on val, never on test)")
     rows = {"pretrained": result["pretrained"], "experts": result["experts"],
             **{r["chosen"]: r["test"] for r in result["methods"].values()}}
-    lines.append(format_accuracy_table(tasks, {
-        name: (acc, _mean(acc, tasks), _mean({t: acc[t] / result["experts"][t] for t in tasks}, tasks))
-        for name, acc in rows.items()}))
+    lines.append(format_accuracy_table(rows, tasks, normalized={
+        name: _mean({t: acc[t] / result["experts"][t] for t in tasks}, tasks) for name, acc in rows.items()}))
     return "\n".join(lines)
 
 

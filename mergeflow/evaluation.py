@@ -111,20 +111,25 @@ class EvaluationReport:
         return out
 
 
-def format_accuracy_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str] | None = None) -> str:
-    """A plain-text table: one row per model, one column per task, then the average (percent)."""
+def format_accuracy_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str] | None = None,
+                          normalized: Mapping[str, float] | None = None) -> str:
+    """A plain-text table: one row per model, one column per task, then the average (percent),
+    and with `normalized` (model -> normalized average accuracy) a last `norm` column."""
     if not rows:
         raise ValueError("no rows to format")
     tasks = list(tasks) if tasks is not None else list(next(iter(rows.values())))
     name_width = max(len("model"), *(len(r) for r in rows))
-    widths = [max(6, len(t)) for t in tasks]
-    header = "  ".join(["model".ljust(name_width), *(t.rjust(w) for t, w in zip(tasks, widths, strict=True)), "   avg"])
-    lines = [header, "-" * len(header)]
+    widths = [max(7, len(t)) for t in tasks]
+    header = ["model".ljust(name_width), *(t.rjust(w) for t, w in zip(tasks, widths, strict=True)), "    avg"]
+    header += ["   norm"] if normalized is not None else []
+    lines = ["  ".join(header), "-" * len("  ".join(header))]
     for name, acc in rows.items():
         cells = [f"{100 * acc[t]:.2f}".rjust(w) if t in acc else "-".rjust(w) for t, w in zip(tasks, widths, strict=True)]
         present = [acc[t] for t in tasks if t in acc]
-        avg = f"{100 * sum(present) / len(present):6.2f}" if present else "     -"
-        lines.append("  ".join([name.ljust(name_width), *cells, avg]))
+        cells.append(f"{100 * sum(present) / len(present):7.2f}" if present else "-".rjust(7))
+        if normalized is not None:
+            cells.append(f"{100 * normalized[name]:7.2f}" if name in normalized else "-".rjust(7))
+        lines.append("  ".join([name.ljust(name_width), *cells]))
     return "\n".join(lines)
 
 

@@ -107,6 +107,11 @@ def test_tables(tiny_zoo, capsys):
     assert lines[0].split() == ["model", "a", "b", "avg"]
     assert lines[2].split() == ["merged", "50.00", "25.00", "37.50"]
     assert lines[3].split() == ["half", "100.00", "-", "100.00"]
+    with_norm = format_accuracy_table({"merged": {"a": 0.5, "b": 0.25}, "long_task_name": {"a": 1.0}}, ["a", "b"],
+                                      normalized={"merged": 0.625})
+    lines = with_norm.splitlines()
+    assert lines[0].split() == ["model", "a", "b", "avg", "norm"] and lines[2].split()[-1] == "62.50"
+    assert lines[3].split()[-1] == "-" and len({len(line) for line in lines}) == 1  # every row as wide
     print_zoo_table(tiny_zoo)
     out = capsys.readouterr().out
     assert "pretrained+head" in out and "experts" in out and "task_arithmetic(0.3)" in out
