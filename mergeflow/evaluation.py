@@ -10,6 +10,7 @@ always give the same numbers.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from mergeflow.datasets import Split
 
@@ -28,8 +30,9 @@ SPLITS = ("train", "val", "test")
 
 @torch.inference_mode()
 def accuracy(encoder: nn.Module, head: nn.Module, split: Split, *, batch_size: int = 1024,
-             device: str = "cpu", limit: int | None = None) -> float:
-    """Fraction of `split` (its first `limit` examples) that `head(encoder(x))` classifies right."""
+             device: str = "cpu", limit: int | None = None, bar: tqdm | None = None) -> float:
+    """Fraction of `split` (its first `limit` examples) that `head(encoder(x))` classifies right;
+    `bar` (a progress bar over images) advances batch by batch."""
     n = len(split) if limit is None else min(limit, len(split))
     if n == 0:
         raise ValueError("cannot compute accuracy on an empty split (check `limit`)")
@@ -40,13 +43,16 @@ def accuracy(encoder: nn.Module, head: nn.Module, split: Split, *, batch_size: i
         stop = min(start + batch_size, n)
         logits = head(encoder(split.images[start:stop].to(device)))
         correct += int((logits.argmax(dim=1).cpu() == split.labels[start:stop]).sum())
+        if bar is not None:
+            bar.update(stop - start)
     return correct / n
 
 
 def evaluate(encoder_state: Mapping[str, torch.Tensor] | str | Path, zoo: Zoo, tasks: Sequence[str] | None = None,
              split: str = "test", device: str = "cpu", batch_size: int = 1024,
-             limit: int | None = None) -> dict[str, float]:
-    """Per-task accuracy of encoder weights (a state dict or a checkpoint path) on a zoo's tasks."""
+             limit: int | None = None, progress: bool = False) -> dict[str, float]:
+    """Per-task accuracy of encoder weights (a state dict or a checkpoint path) on a zoo's tasks;
+    `progress` shows a bar over all the images evaluated."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     tasks = list(zoo.tasks if tasks is None else tasks)
@@ -59,10 +65,13 @@ def evaluate(encoder_state: Mapping[str, torch.Tensor] | str | Path, zoo: Zoo, t
         encoder_state = load_state_dict(encoder_state)
     encoder = zoo.encoder(encoder_state).to(device)
     results = {}
-    for task in tasks:
-        data = getattr(zoo.load_task(task), split)
-        results[task] = accuracy(encoder, zoo.head(task).to(device), data,
-                                 batch_size=batch_size, device=device, limit=limit)
+    with tqdm(total=0, desc=f"evaluate ({split})", unit="img", leave=False, disable=not progress,
+              file=sys.stderr) as bar:
+        for task in tasks:  # one task's data in memory at a time: the bar grows as each is loaded
+            data = getattr(zoo.load_task(task), split)
+            bar.total += len(data) if limit is None else min(limit, len(data))
+            results[task] = accuracy(encoder, zoo.head(task).to(device), data, batch_size=batch_size,
+                                     device=device, limit=limit, bar=bar)
     return results
 
 

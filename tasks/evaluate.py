@@ -27,7 +27,7 @@ def evaluate_model(store: str, model: Any, zoo: ArtifactRef, tasks: list[str],
     from mergeflow.zoo import Zoo
 
     accuracy = evaluate(model.path, Zoo.open(zoo.path), tasks, split=split, device=device,
-                        batch_size=batch_size, limit=limit)
+                        batch_size=batch_size, limit=limit, progress=True)
     with slot.writer("accuracy.json") as out:
         out.main_path.write_text(json.dumps(accuracy, indent=2, sort_keys=True) + "\n")
         out.summary = {"accuracy": accuracy, "split": split}
