@@ -105,7 +105,7 @@ def merge_checkpoints(
     `mergeflow.sources.resolve_checkpoint` (content hashes, cached on disk by file stat).
     `out_dtype` sets the stored dtype of float tensors (default: the base's dtype).
     `base_only_tensors="copy"` copies the base's tensors that no model has (vision-only experts of
-    a full CLIP base) instead of refusing the checkpoints (`compatibility.base_only_names`).
+    a full CLIP base) instead of refusing the checkpoints (`compatibility.check_compatible`).
     `recipe` (the recipe as a dict) is recorded in the manifest. With `dry_run`, only the checks
     and the estimate run, and the plan is returned. `kth_cap` (values kept per task by the
     exact quantile selection) and `kth_sample` (values sampled to place its window) trade
