@@ -110,6 +110,11 @@ def test_in_memory_merge_refuses_what_the_engine_refuses() -> None:
         with pytest.raises(ValueError) as err:
             merge(method, b, finetuned, **hp)
         assert words in str(err.value)
+    with pytest.raises(ValueError) as err:  # a union field: only the member the input was meant for
+        merge("task_arithmetic", base, [ft], lam=float("nan"))
+    assert str(err.value) == "invalid hyperparameters for 'task_arithmetic': lam: Input should be a finite number"
+    with pytest.raises(ValueError, match=r": lam\[1\]: Input should be a finite number$"):
+        merge("task_arithmetic", base, [ft, corpus.state_dict(2)], lam=[0.5, float("nan")])
     with pytest.raises(ValueError) as err:  # one line per field, no pydantic links or input dumps
         merge("ties", base, [ft], k=2, agg="median")
     assert str(err.value) == ("invalid hyperparameters for 'ties': k: Input should be less than or equal to 1; "

@@ -81,6 +81,25 @@ class Hyperparams(BaseModel):
         return self
 
 
+def _meant_union_members(errors: list[dict]) -> list[dict]:
+    """pydantic tries every member of a union field (`lam: float | list[float]`) and reports each
+    failure, tagged with the member: `lam.float: finite number; lam.list[float]: a valid list`.
+    Keep the member the input was meant for (the list one for a list), without the tag."""
+    by_field: dict[object, list[dict]] = {}
+    for e in errors:
+        by_field.setdefault(e["loc"][0] if e["loc"] else None, []).append(e)
+    kept = []
+    for group in by_field.values():
+        tags = {e["loc"][1] for e in group if len(e["loc"]) > 1 and isinstance(e["loc"][1], str)}
+        if len(tags) < 2 or any(len(e["loc"]) < 2 for e in group):
+            kept += group
+            continue
+        as_list = isinstance(group[0]["input"], (list, tuple))
+        meant = [e for e in group if e["loc"][1].startswith("list") == as_list] or group
+        kept += [{**e, "loc": (e["loc"][0], *e["loc"][2:])} for e in meant]
+    return kept
+
+
 def _takes(annotation: object, kind: type) -> bool:
     return annotation is kind or any(_takes(a, kind) for a in get_args(annotation))
 
@@ -98,8 +117,8 @@ def validation_summary(err: ValidationError) -> str:
     """pydantic's errors as one line, each with its field: `k: Input should be ...; agg: ...`,
     without pydantic's links and input dumps."""
     parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
+    for e in _meant_union_members(err.errors()):
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"]).lstrip(".")
         # A validator's own message already names its field: no "Value error, " before it.
         msg = e["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
