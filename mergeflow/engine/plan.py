@@ -197,8 +197,8 @@ def _units(base: TensorSource, name: str, chunked: bool, chunk_elems: int) -> li
 def _device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
-    except RuntimeError as err:
-        raise MergeConfigError(f"unknown device {device!r} ({err}); use cpu, cuda or cuda:N") from None
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise MergeConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
         raise MergeConfigError(f"device {device!r} is not supported by the engine; use cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
