@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import socket
-import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,22 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from mergeflow.checkpoint import INDEX_FILE, SINGLE_FILE
+from mergeflow.stop_signals import track_unfinished, untrack_unfinished
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
-
-
-# Temp directories of writes not yet committed or aborted, for `remove_unfinished_outputs`.
-_UNFINISHED: set[Path] = set()
-_UNFINISHED_LOCK = threading.Lock()
-
-
-def remove_unfinished_outputs() -> None:
-    """Delete every unfinished write's temp directory (a process about to exit without
-    unwinding: see mergeflow.recipe_cli's stop handler)."""
-    with _UNFINISHED_LOCK:
-        pending = list(_UNFINISHED)
-    for tmp_dir in pending:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _owner() -> str:
@@ -87,8 +73,7 @@ class CheckpointWriter:
         remove_stale_temp_dirs(self.out_dir)
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{_owner()}-{uuid.uuid4().hex[:8]}"
         self.tmp_dir.mkdir(parents=True)
-        with _UNFINISHED_LOCK:
-            _UNFINISHED.add(self.tmp_dir)
+        track_unfinished(self.tmp_dir)
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str], int]] = []  # temp file name, tensor names, bytes
@@ -152,8 +137,7 @@ class CheckpointWriter:
         self._finished()
 
     def _finished(self) -> None:
-        with _UNFINISHED_LOCK:
-            _UNFINISHED.discard(self.tmp_dir)
+        untrack_unfinished(self.tmp_dir)
 
     def __enter__(self) -> CheckpointWriter:
         return self

@@ -10,13 +10,38 @@ watchdog, or a second signal, deletes the unfinished outputs and exits at once.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 STOP_GRACE_SECONDS = 10.0  # after a stop signal, how long unwinding may take before a hard exit
 _stopping = threading.Event()
+# Temp directories of writes not yet committed or aborted: what a hard exit deletes.
+_unfinished: set[Path] = set()
+_unfinished_lock = threading.Lock()
+
+
+def track_unfinished(path: Path) -> None:
+    """`path` is an unfinished write's temp directory until `untrack_unfinished(path)`."""
+    with _unfinished_lock:
+        _unfinished.add(path)
+
+
+def untrack_unfinished(path: Path) -> None:
+    with _unfinished_lock:
+        _unfinished.discard(path)
+
+
+def remove_unfinished_outputs() -> None:
+    """Delete every unfinished write's temp directory (a process about to exit without
+    unwinding: `_exit_now`)."""
+    with _unfinished_lock:
+        pending = list(_unfinished)
+    for tmp_dir in pending:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def install_stop_handlers() -> dict:
@@ -52,8 +77,6 @@ def _watchdog() -> None:
 
 
 def _exit_now() -> None:
-    from mergeflow.checkpoint_writer import remove_unfinished_outputs
-
     remove_unfinished_outputs()
     print("interrupted (unfinished output removed)", file=sys.stderr)
     os._exit(130)

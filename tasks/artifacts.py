@@ -30,6 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from mergeflow.stop_signals import track_unfinished, untrack_unfinished
+
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -99,11 +101,13 @@ class ArtifactStore:
         tmp_parent.mkdir(parents=True, exist_ok=True)
         pending = PendingArtifact(tmp_parent / f"{kind}-{uuid.uuid4().hex}", main)
         pending.dir.mkdir()
+        track_unfinished(pending.dir)  # a hard exit on Ctrl-C removes it too
         try:
             yield pending
             pending.ref = self._commit(pending, kind, key, final)
         finally:
             shutil.rmtree(pending.dir, ignore_errors=True)
+            untrack_unfinished(pending.dir)
 
     def _commit(self, pending: PendingArtifact, kind: str, key: str, final: Path) -> ArtifactRef:
         main = pending.dir / pending.main if pending.main else pending.dir

@@ -328,6 +328,19 @@ def test_sigterm_mid_merge_leaves_no_temp_dir(tmp_path: Path) -> None:
     assert not out.exists() and not list(tmp_path.glob(".merged*")), "a stopped merge left files behind"
 
 
+def test_a_hard_exit_removes_the_artifact_stores_unfinished_writes_too(tmp_path: Path) -> None:
+    from mergeflow import stop_signals
+
+    store = ArtifactStore(tmp_path / "store")
+    with pytest.raises(RuntimeError, match="stand-in for os._exit"):
+        with store.writer("merged", "k1", main="model") as out:
+            (out.dir / "model").write_bytes(b"half")
+            stop_signals.remove_unfinished_outputs()  # what the watchdog does before os._exit(130)
+            assert not out.dir.exists()
+            raise RuntimeError("stand-in for os._exit")
+    assert _tmp_leftovers(store.root) == [] and not stop_signals._unfinished
+
+
 STUCK_UNWIND = """
 import sys, time
 from pathlib import Path
