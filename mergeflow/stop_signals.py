@@ -59,7 +59,7 @@ def restore_handlers(previous: dict) -> None:
 
 def _stop(signum: int, frame: object) -> None:
     """Ctrl-C or SIGTERM (a scheduler stopping the job): unwind with KeyboardInterrupt, so every
-    atomic write removes its temp directory (`mergeflow merge` then exits with 130).
+    atomic write removes its temp directory (the command then exits with 130).
 
     An interrupt can land while the main thread holds a lock that unwinding needs (a thread
     pool's, say) and unwinding then never ends. So a watchdog, or a second signal, deletes the
