@@ -143,10 +143,14 @@ class CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and not self._committed:
-            self.commit()
-        elif exc_type is not None:
+        if exc_type is not None:
             self.abort()
+        elif not self._committed:
+            try:
+                self.commit()
+            except BaseException:  # the last shard did not fit (a full disk): no half output either
+                self.abort()
+                raise
 
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], out_dir: str | Path, *,

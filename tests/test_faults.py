@@ -198,6 +198,9 @@ def test_full_disk_artifact_store_keeps_no_partial_artifact(tiny_disk: Path) -> 
             save_checkpoint({"w": torch.zeros(1024, 1024)}, out.main_path)  # 4 MiB > 2 MiB
     assert not (tiny_disk / "store" / "merged" / "k1").exists()
     assert _tmp_leftovers(store.root) == []
+    from mergeflow import stop_signals
+
+    assert not stop_signals._unfinished  # the checkpoint writer whose last shard failed let go of its temp dir
     # the disk is usable again: the failed write released its space
     with store.writer("merged", "k2", main="model") as out:
         save_checkpoint({"w": torch.zeros(16)}, out.main_path)
