@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -37,7 +38,7 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], *, base_
         raise ValueError(f"invalid hyperparameters for {method!r}: {validation_summary(err)}") from None
     _check_state_dicts(base, finetuned)
     _check_model_count(m, len(finetuned))
-    _check_distinct(m, base, finetuned)
+    _warn_if_repeated(m, base, finetuned)
     check_lam_count(params, len(finetuned))
     base_signature, signatures = signature_of(base), [signature_of(sd) for sd in finetuned]
     base_only = check_compatible(base_signature, signatures, base_only_tensors=base_only_tensors)
@@ -110,15 +111,17 @@ def _check_state_dicts(base: object, finetuned: object) -> None:
                              "and never loaded); load its weights first")
 
 
-def _check_distinct(m: MergeMethod, base: StateDict, finetuned: Sequence[StateDict]) -> None:
-    """The same state dict object twice, or the base as a fine-tuned model (a zero task vector),
-    is a mistake in the call: the engine refuses the same for paths and contents."""
+def _warn_if_repeated(m: MergeMethod, base: StateDict, finetuned: Sequence[StateDict]) -> None:
+    """The same state dict object twice (`[ft] * 3`), or the base as a fine-tuned model (a zero
+    task vector), is merged as given: the math is defined, and hand-checked cases use it. It is
+    more often a slip than a plan, so it gets a warning (the engine, fed paths, refuses it)."""
     for i, sd in enumerate(finetuned):
-        if m.task_vectors and sd is base:
-            raise ValueError(f"finetuned[{i}] is the base state dict itself: its task vector is zero, so drop it")
         first = next(j for j, other in enumerate(finetuned) if other is sd)
-        if first != i:
-            raise ValueError(f"finetuned[{i}] is the same state dict as finetuned[{first}]; pass each model once")
+        if m.task_vectors and sd is base:
+            warnings.warn(f"finetuned[{i}] is the base state dict itself: its task vector is zero", stacklevel=3)
+        elif first != i:
+            warnings.warn(f"finetuned[{i}] is the same state dict as finetuned[{first}]: it is merged twice",
+                          stacklevel=3)
 
 
 def _check_something_to_merge(base: StateDict, float_names: list[str]) -> None:

@@ -98,9 +98,14 @@ def test_in_memory_merge_names_wrong_container_types() -> None:
 
 def test_in_memory_merge_refuses_what_the_engine_refuses() -> None:
     base, ft = corpus.state_dict(0), corpus.state_dict(1)
+    # Repeated state dicts are merged as given (hand-checked cases use `[ft] * 3`), with a warning.
+    with pytest.warns(UserWarning, match=r"finetuned\[1\] is the same state dict as finetuned\[0\]"):
+        twice = merge("ties", base, [ft, ft], k=1.0)
+    tau = ft["layer.weight"] - base["layer.weight"]
+    assert torch.equal(twice["layer.weight"], base["layer.weight"] + (tau + tau) / 2)  # one task vector, twice: its mean
+    with pytest.warns(UserWarning, match=r"finetuned\[1\] is the base state dict itself"):
+        merge("task_arithmetic", base, [ft, base])
     cases = [
-        ("ties", base, [ft, ft], {}, "finetuned[1] is the same state dict as finetuned[0]"),
-        ("task_arithmetic", base, [ft, base], {}, "finetuned[1] is the base state dict itself"),
         ("ties", {}, [{}], {}, "no float tensor with any entries to merge"),
         ("ties", {"ids": torch.arange(3)}, [{"ids": torch.arange(3)}], {}, "no float tensor with any entries"),
         ("ties", {**base, "layer.bias": torch.empty(3, device="meta")}, [ft], {}, "base['layer.bias'] is a meta tensor"),
