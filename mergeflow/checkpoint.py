@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -61,7 +62,9 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint not found: {self.path}")
         self._pickled: dict[str, torch.Tensor] | None = None
         self._handles: dict[Path, object] = {}
-        files = _safetensors_files(self.path)
+        index = self.path / INDEX_FILE
+        weight_map = _weight_map(index) if self.path.is_dir() and index.exists() else None
+        files = _safetensors_files(self.path, weight_map)
         if files is None:
             self._pickled = _load_pickle(self.path, allow_pickle)
             self._info = {
@@ -69,8 +72,8 @@ class Checkpoint:
             }
         else:
             self._info = _read_headers(files)
-            if self.path.is_dir() and (self.path / INDEX_FILE).exists():
-                _check_index_matches_shards(self.path / INDEX_FILE, self._info)
+            if weight_map is not None:
+                _check_index_matches_shards(index, weight_map, self._info)
 
     # ---- metadata (no tensor data read) ----
     @property
@@ -91,9 +94,10 @@ class Checkpoint:
     def directory(self) -> Path:
         return self.path if self.path.is_dir() else self.path.parent
 
-    @property
+    @cached_property
     def config(self) -> dict | None:
-        """The HF `config.json` next to the weights, if any."""
+        """The HF `config.json` next to the weights, if any (read once: the plan's checks and the
+        manifest all ask)."""
         cfg = self.directory / "config.json"
         if not (self.path.is_dir() and cfg.exists()):
             return None
@@ -139,17 +143,17 @@ def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
     return Checkpoint(path, allow_pickle=allow_pickle).state_dict()
 
 
-def _safetensors_files(path: Path) -> list[Path] | None:
-    """The safetensors files of a checkpoint, or None if it is a pickle checkpoint."""
+def _safetensors_files(path: Path, weight_map: dict[str, str] | None) -> list[Path] | None:
+    """The safetensors files of a checkpoint (the shards `weight_map` names, where the directory
+    has an index), or None if it is a pickle checkpoint."""
     if path.is_file():
         if path.suffix == ".safetensors":
             return [path]
         if path.suffix in PICKLE_SUFFIXES:
             return None
         raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors)")
-    index = path / INDEX_FILE
-    if index.exists():
-        shards = sorted({path / shard for shard in _index_shards(index)})
+    if weight_map is not None:
+        shards = sorted({path / shard for shard in weight_map.values()})
         missing = [s.name for s in shards if not s.exists()]
         if missing:
             raise CheckpointError(f"{path}: index lists shards that are missing: {missing[:3]}")
@@ -187,11 +191,10 @@ def _read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     return info
 
 
-def _check_index_matches_shards(index: Path, info: dict[str, TensorInfo]) -> None:
+def _check_index_matches_shards(index: Path, weight_map: dict[str, str], info: dict[str, TensorInfo]) -> None:
     """The index's weight_map must say where each tensor is, as loaders (transformers) trust it:
     a tensor it lists that no shard holds, one it places in the wrong shard, or one it leaves out
     means an incomplete download or a hand-edited checkpoint."""
-    weight_map = _weight_map(index)
     problems = []
     for name, shard in sorted(weight_map.items()):
         if name not in info:
@@ -204,11 +207,6 @@ def _check_index_matches_shards(index: Path, info: dict[str, TensorInfo]) -> Non
         raise CheckpointError(f"{index} does not match its shards: {'; '.join(problems[:3])}"
                               + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
                               + ". Download the checkpoint again, or rebuild its index")
-
-
-def _index_shards(index: Path) -> list[str]:
-    """The shard file names a safetensors index's weight_map points to (see `_weight_map`)."""
-    return list(_weight_map(index).values())
 
 
 def _weight_map(index: Path) -> dict[str, str]:

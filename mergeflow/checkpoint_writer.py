@@ -27,9 +27,14 @@ from mergeflow.stop_signals import track_unfinished, untrack_unfinished
 DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
+def _host() -> str:
+    """This machine's name as a temp directory's name carries it (no dashes: they separate fields)."""
+    return socket.gethostname().replace("-", "_")
+
+
 def _owner() -> str:
-    """This process as a temp directory's owner: host and pid (no dashes in the host part)."""
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+    """This process as a temp directory's owner: host and pid."""
+    return f"{_host()}-{os.getpid()}"
 
 
 _TEMP_DIR = re.compile(r"\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
@@ -41,7 +46,7 @@ def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
     A process killed outright (SIGKILL, the OOM killer, a power cut) cannot remove its temp
     directory; the next write to the same output does. Only directories of this host are
     touched: another machine's writer on a shared file system may still be running."""
-    host = socket.gethostname().replace("-", "_")
+    host = _host()
     removed = []
     for tmp_dir in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
         owner = _TEMP_DIR.search(tmp_dir.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -32,11 +33,12 @@ def signature_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[tupl
     return {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
 
 
-BASE_ONLY_CHOICES = ("error", "copy")
+BaseOnlyTensors = Literal["error", "copy"]  # what to do with tensors of the base that no model has
+BASE_ONLY_CHOICES = get_args(BaseOnlyTensors)
 
 
 def check_compatible(base: Signature, models: Sequence[Signature], labels: Sequence[str] | None = None,
-                     max_report: int = 5, base_only_tensors: str = "error") -> set[str]:
+                     max_report: int = 5, base_only_tensors: BaseOnlyTensors = "error") -> set[str]:
     """Raise IncompatibleCheckpoints naming the first mismatches; if all agree, return the
     base's tensors that are to be copied from it because no model has them.
 

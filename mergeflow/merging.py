@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from mergeflow.compatibility import (
+    BaseOnlyTensors,
     check_compatible,
     check_finite,
     check_finite_output,
@@ -23,7 +24,7 @@ from mergeflow.statistics import reduce_all, reduce_rows
 StateDict = Mapping[str, torch.Tensor]
 
 
-def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], *, base_only_tensors: str = "error",
+def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], *, base_only_tensors: BaseOnlyTensors = "error",
           **hparams: object) -> dict[str, torch.Tensor]:
     """Merge fine-tuned state dicts of one base model with a registered method.
 

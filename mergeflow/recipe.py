@@ -17,12 +17,13 @@ a number), the number of models, and that every path exists.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergeflow.compatibility import BaseOnlyTensors
 from mergeflow.methods.base import validation_summary
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -47,7 +48,7 @@ class Recipe(BaseModel):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str | None = Field(None, description="output dtype of float tensors (default: the base's)")
     device: str | None = None
-    base_only_tensors: Literal["error", "copy"] = Field(
+    base_only_tensors: BaseOnlyTensors = Field(
         "error", description="tensors of the base that no model has (vision-only experts of a full CLIP "
         "base): refuse the checkpoints (error) or copy them from the base (copy)")
 

@@ -32,7 +32,7 @@ def merge_models(store: str, method: str, hparams: dict[str, Any], base: Checkpo
         # bytes (its paths are the artifact store's, the content hashes beside them say what they held).
         recipe = {"method": method, "base": base.path, "models": [m.path for m in models],
                   "hyperparameters": values, "device": device}
-        result = merge_checkpoints(method, base.path, [m.path for m in models], out.main_path, values,
+        result = merge_checkpoints(method, base.path, recipe["models"], out.main_path, values,
                                    device=device, progress=True, recipe=recipe,
                                    input_hashes=[base.content_hash, *(m.content_hash for m in models)])
         out.content_hash = result.output_hash

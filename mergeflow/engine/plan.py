@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from mergeflow.checkpoint import TensorInfo
 from mergeflow.compatibility import (
+    BaseOnlyTensors,
     check_compatible,
     is_mergeable,
     precision_notes,
@@ -105,7 +106,7 @@ class MergePlan:
 def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], hparams: dict,
                *, out_dir: str | Path | None = None, device: str | torch.device = "cpu",
                allow_pickle: bool = False, trust_remote_code: bool = False,
-               chunk_elems: int = DEFAULT_CHUNK_ELEMS, base_only_tensors: str = "error",
+               chunk_elems: int = DEFAULT_CHUNK_ELEMS, base_only_tensors: BaseOnlyTensors = "error",
                out_dtype: torch.dtype | None = None) -> MergePlan:
     m = get_method(method)
     try:
@@ -145,7 +146,7 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
             raise MergeConfigError(str(err)) from None
     elementwise = m.is_elementwise(params)
     units = [u for k in names for u in _units(base, k, k in float_names and elementwise, chunk_elems)]
-    notes = precision_notes({k: v for k, v in base_signature.items() if k not in base_only}, signatures, labels)
+    notes = precision_notes(base_signature, signatures, labels)
     if base_only:
         notes.append(f"{len(base_only)} tensor(s) that no model has are copied from the base "
                      f"(base_only_tensors: copy), e.g. {sorted(base_only)[:3]}")
@@ -238,18 +239,12 @@ def _check_distinct_inputs(method: MergeMethod, base_dir: str | Path, model_dirs
 
 def _check_vocab(base: TensorSource, models: list[TensorSource], labels: list[str]) -> None:
     """Different vocabulary sizes (added tokens, padded embeddings) are refused by name."""
-    base_cfg = base.checkpoint.config or {}
-    base_sig = base.checkpoint.signature()
-    for src in [base, *models]:
-        vocab = (src.checkpoint.config or {}).get("vocab_size")
-        if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool)):
-            raise MergeConfigError(f"{src.checkpoint.directory / 'config.json'}: vocab_size is {vocab!r}, not a "
-                                   "whole number; restore the model's config.json")
+    base_vocab, base_sig = _vocab_size(base), base.checkpoint.signature()
     for label, src in zip(labels, models, strict=True):
-        cfg = src.checkpoint.config or {}
-        if "vocab_size" in base_cfg and "vocab_size" in cfg and cfg["vocab_size"] != base_cfg["vocab_size"]:
+        vocab = _vocab_size(src)
+        if None not in (base_vocab, vocab) and vocab != base_vocab:
             raise MergeConfigError(
-                f"{label}: vocab_size {cfg['vocab_size']} differs from the base's {base_cfg['vocab_size']} "
+                f"{label}: vocab_size {vocab} differs from the base's {base_vocab} "
                 "(added tokens or padded embeddings). mergeflow never truncates embeddings silently: "
                 "resize every model's embeddings to the same vocabulary first.")
         sig = src.checkpoint.signature()
@@ -260,6 +255,15 @@ def _check_vocab(base: TensorSource, models: list[TensorSource], labels: list[st
                     f"{label}: {name} has {other[0]} rows, the base has {shape[0]} (a padded or "
                     "extended embedding?). mergeflow never truncates silently: resize the "
                     "embeddings of all models to the same vocabulary first.")
+
+
+def _vocab_size(src: TensorSource) -> int | None:
+    """config.json's vocab_size, None where it gives none."""
+    vocab = (src.checkpoint.config or {}).get("vocab_size")
+    if vocab is not None and (not isinstance(vocab, int) or isinstance(vocab, bool)):
+        raise MergeConfigError(f"{src.checkpoint.directory / 'config.json'}: vocab_size is {vocab!r}, not a "
+                               "whole number; restore the model's config.json")
+    return vocab
 
 
 def _check_output(out: Path, inputs: list[str | Path]) -> None:

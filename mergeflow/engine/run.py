@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from mergeflow.compatibility import check_finite_output, is_mergeable
+from mergeflow.compatibility import BaseOnlyTensors, check_finite_output, is_mergeable
 from mergeflow.engine.manifest import copy_side_files, model_card
 from mergeflow.engine.memory import tune_malloc
 from mergeflow.engine.plan import (
@@ -96,7 +96,7 @@ def merge_checkpoints(
     kth_cap: int = DEFAULT_CAP,
     kth_sample: int = SAMPLE_TARGET,
     cpu_kernels: bool = True,
-    base_only_tensors: str = "error",
+    base_only_tensors: BaseOnlyTensors = "error",
 ) -> MergeResult | MergePlan:
     """Merge checkpoint directories (or .safetensors files) of one base into `out_dir`.
 
