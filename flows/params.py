@@ -121,13 +121,16 @@ class MethodChoice(BaseModel):
     @model_validator(mode="after")
     def _known_hyperparams(self) -> MethodChoice:
         from mergeflow.methods import all_methods
+        from mergeflow.methods.base import closest_key
 
-        known = {f for m in all_methods() for f in m.hyperparams.model_fields}
+        known = sorted({f for m in all_methods() for f in m.hyperparams.model_fields})
         for key in self.model_extra or {}:
             if key not in known:
+                close = closest_key(key, known)
                 raise ValueError(
-                    f"[{key}] unknown hyperparameter; hyperparameters of the registered methods: "
-                    f"{', '.join(sorted(known))} (`mergeflow methods` lists them per method)")
+                    f"[{key}] unknown hyperparameter{f' (did you mean {close}?)' if close else ''}; "
+                    f"hyperparameters of the registered methods: {', '.join(known)} (`mergeflow "
+                    "methods` lists them per method)")
         self.hparams()  # validate the chosen method's own values now, not at merge time
         if self.search is not None:
             self._check_searchable()

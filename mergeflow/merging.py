@@ -18,7 +18,7 @@ from mergeflow.compatibility import (
     signature_of,
 )
 from mergeflow.methods import GlobalStats, Hyperparams, MergeMethod, TensorGroup, get_method
-from mergeflow.methods.base import check_lam_count, tensor_stat, validation_summary
+from mergeflow.methods.base import check_lam_count, tensor_stat
 from mergeflow.statistics import reduce_all, reduce_rows
 
 StateDict = Mapping[str, torch.Tensor]
@@ -36,7 +36,7 @@ def merge(method: str, base: StateDict, finetuned: Sequence[StateDict], *, base_
     try:
         params = m.params(**hparams)
     except ValidationError as err:
-        raise ValueError(f"invalid hyperparameters for {method!r}: {validation_summary(err)}") from None
+        raise ValueError(f"invalid hyperparameters for {method!r}: {m.params_error(err)}") from None
     _check_state_dicts(base, finetuned)
     _check_model_count(m, len(finetuned))
     _warn_if_repeated(m, base, finetuned)

@@ -82,7 +82,7 @@ class Recipe(BaseModel):
         try:
             method.params(**self.hyperparameters)
         except ValidationError as err:
-            raise ValueError(f"hyperparameters for {self.method!r}: {validation_summary(err)}") from None
+            raise ValueError(f"hyperparameters for {self.method!r}: {method.params_error(err)}") from None
         n = len(self.models)
         if not method.takes(n):
             raise ValueError(f"models: {self.method!r} takes {method.models_wanted} model(s), got {n}")
@@ -173,7 +173,7 @@ def parse_recipe(data: object, *, source: str = "recipe") -> Recipe:
     try:
         return Recipe(**data)
     except ValidationError as err:
-        raise RecipeError(f"{source}: {validation_summary(err)}") from None
+        raise RecipeError(f"{source}: {validation_summary(err, list(Recipe.model_fields))}") from None
     except ValueError as err:  # get_method: unknown method
         raise RecipeError(f"{source}: method: {err}") from None
 

@@ -60,6 +60,21 @@ def test_invalid_recipes_name_the_field(data, field):
         parse_recipe(data)
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"method": "ties", "base": "b", "models": ["m"], "params": {}},
+     "params: not a known key (known: method, base, models, hyperparameters, dtype, device, base_only_tensors); "
+     "did you mean hyperparameters?"),
+    ({"method": "ties", "base": "b", "models": ["m"], "hyperparameters": {"lamda": 0.5}},
+     "lamda: not a known key (known: k, lam, agg, trim_scope, elect); did you mean lam?"),
+    ({"method": "ties", "base": "b", "models": ["m"], "hyperparameters": {"density": 0.2}},
+     "density: not a known key (known: k, lam, agg, trim_scope, elect)"),  # nothing close: no guess
+])
+def test_an_unknown_key_is_named_with_the_known_ones_and_the_one_meant(data, message):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(data)
+    assert str(err.value).endswith(message)
+
+
 def test_missing_checkpoint_names_the_field(models):
     with pytest.raises(RecipeError, match=r"models\[1\]: 'nope' not found"):
         load_recipe(_recipe(models / "bad.yaml", {"method": "ties", "base": "base", "models": ["ft0", "nope"]}))

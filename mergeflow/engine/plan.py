@@ -29,7 +29,7 @@ from mergeflow.compatibility import (
 )
 from mergeflow.engine.reader import TensorSource
 from mergeflow.methods import Hyperparams, MergeMethod, get_method
-from mergeflow.methods.base import check_lam_count, validation_summary
+from mergeflow.methods.base import check_lam_count
 
 # Entries per model in one unit of work. A unit's float32 copy of the inputs is then 2 MiB a row,
 # below the 32 MiB mmap threshold `memory.tune_malloc` sets, so temporaries are reused from malloc's arenas.
@@ -112,7 +112,7 @@ def plan_merge(method: str, base_dir: str | Path, model_dirs: list[str | Path], 
     try:
         params = m.params(**hparams)
     except ValidationError as err:
-        raise MergeConfigError(f"invalid hyperparameters for {method!r}: {validation_summary(err)}") from None
+        raise MergeConfigError(f"invalid hyperparameters for {method!r}: {m.params_error(err)}") from None
     n = len(model_dirs)
     if not m.takes(n):
         raise MergeConfigError(f"method {method!r} needs {m.models_wanted} fine-tuned model(s), got {n}")

@@ -34,6 +34,7 @@ Streaming notes (additions, backward compatible):
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args, get_origin
@@ -113,16 +114,37 @@ def _takes_text(annotation: object) -> bool:
     return any(_takes_text(a) for a in get_args(annotation))
 
 
-def validation_summary(err: ValidationError) -> str:
+def validation_summary(err: ValidationError, fields: Sequence[str] = ()) -> str:
     """pydantic's errors as one line, each with its field: `k: Input should be ...; agg: ...`,
-    without pydantic's links and input dumps."""
+    without pydantic's links and input dumps. A key the model does not take is named with the
+    `fields` it does take, and the one meant where a close one is found (`lamda`: lam)."""
     parts = []
     for e in _meant_union_members(err.errors()):
         loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"]).lstrip(".")
         # A validator's own message already names its field: no "Value error, " before it.
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1 and fields:
+            msg = _unknown_key(str(e["loc"][0]), fields)
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+def _unknown_key(key: str, fields: Sequence[str]) -> str:
+    """`not a known key (known: a, b); did you mean b?`"""
+    close = closest_key(key, fields)
+    return f"not a known key (known: {', '.join(fields)})" + (f"; did you mean {close}?" if close else "")
+
+
+def closest_key(key: str, fields: Sequence[str]) -> str | None:
+    """The field a mistyped key most likely meant: one that contains it or is contained in it,
+    plurals aside (params: hyperparameters), else the closest by spelling (lamda: lam); None
+    when nothing is close."""
+    def contains(a: str, b: str) -> bool:
+        a, b = a.lower().rstrip("s"), b.lower().rstrip("s")
+        return len(a) >= 3 and a in b
+    close = [f for f in fields if contains(key, f) or contains(f, key)]
+    close = close or difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 @dataclass(frozen=True)
@@ -352,3 +374,8 @@ class MergeMethod:
     def params(self, **values: object) -> Hyperparams:
         """Validate hyperparameters (pydantic); errors name the field."""
         return self.hyperparams(**values)
+
+    def params_error(self, err: ValidationError) -> str:
+        """`params`' error as one line (`validation_summary`), an unknown key with this method's
+        hyperparameters."""
+        return validation_summary(err, list(self.hyperparams.model_fields))
