@@ -53,13 +53,14 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
     copying = base_only_tensors == "copy"
     base_only = set(base).difference(*(set(sig) for sig in models)) if copying and models else set()
     labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
-    problems = _mismatches({k: v for k, v in base.items() if k not in base_only}, models, labels, max_report)
+    problems, explained = _mismatches({k: v for k, v in base.items() if k not in base_only}, models, labels,
+                                      max_report)
     if problems:
         raise IncompatibleCheckpoints(
             "checkpoints cannot be merged:\n  - " + "\n  - ".join(problems[:max_report])
             + "\nAll models must share the base's tensor names, shapes and dtypes (fine-tunes of the "
             "same pretrained checkpoint); only the precision of float tensors may differ."
-            + ("" if copying or not any("lacks" in p for p in problems) else
+            + ("" if copying or explained or not any("lacks" in p for p in problems) else
                " If the models were saved without part of the base (vision-only experts of a full CLIP, "
                "say), base_only_tensors: copy (a recipe key, or merge's argument) copies from the base "
                "the tensors that no model has.")
@@ -67,9 +68,12 @@ def check_compatible(base: Signature, models: Sequence[Signature], labels: Seque
     return base_only
 
 
-def _mismatches(base: Signature, models: Sequence[Signature], labels: Sequence[str], max_report: int) -> list[str]:
-    """The first `max_report` differences in names, shapes and dtypes (other than float precision)."""
+def _mismatches(base: Signature, models: Sequence[Signature], labels: Sequence[str],
+                max_report: int) -> tuple[list[str], bool]:
+    """The first `max_report` differences in names, shapes and dtypes (other than float precision),
+    and whether the names explain themselves (`_naming_hints`)."""
     problems: list[str] = []
+    explained = False
     for label, sig in zip(labels, models, strict=True):
         missing = sorted(set(base) - set(sig))
         extra = sorted(set(sig) - set(base))
@@ -77,6 +81,9 @@ def _mismatches(base: Signature, models: Sequence[Signature], labels: Sequence[s
             problems.append(f"{label} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
         if extra:
             problems.append(f"{label} has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]}")
+        hints = _naming_hints(base, sig, missing, extra) if missing or extra else []
+        problems += [f"{label}: {hint}" for hint in hints]
+        explained = explained or bool(hints)
         for name in sorted(set(base) & set(sig)):
             (bs, bd), (ms, md) = base[name], sig[name]
             if bs != ms:
@@ -87,7 +94,46 @@ def _mismatches(base: Signature, models: Sequence[Signature], labels: Sequence[s
                 break
         if len(problems) >= max_report:
             break
-    return problems
+    return problems, explained
+
+
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+
+
+def _naming_hints(base: Signature, sig: Signature, missing: list[str], extra: list[str]) -> list[str]:
+    """Why a model's names may differ from the base's, where the names tell: a prefix that one
+    side's names carry (a model saved from a wrapper), or an output head stored by one side and
+    tied to the input embeddings by the other (tie_word_embeddings)."""
+    hints = []
+    every_name_differs = len(extra) == len(sig) and len(missing) == len(base)
+    for names, others, (side, other_side) in ((extra, missing, ("its names", "the base's")),
+                                              (missing, extra, ("the base's names", "its names"))):
+        prefix = _common_prefix(names, others) if every_name_differs else None
+        if prefix:
+            hints.append(f"{side} carry the prefix {prefix!r} that {other_side} lack (saved from a wrapper "
+                         "module?); save both the same way")
+    for names, holder, other, side in ((extra, sig, base, "the base"), (missing, base, sig, "the model")):
+        for head in sorted(set(names) & set(HEAD_NAMES)):
+            shape = holder[head][0]
+            embedding = next((n for n in other if n.endswith(EMBEDDING_SUFFIXES) and other[n][0] == shape), None)
+            if embedding is not None:
+                hints.append(f"{head} has the shape of {embedding}: {side} ties its output head to the input "
+                             "embeddings (tie_word_embeddings) and does not store it; save every model the "
+                             "same way, tied or untied")
+    return hints
+
+
+def _common_prefix(longer: list[str], shorter: list[str]) -> str | None:
+    """The prefix p with longer == [p + n for n in shorter] (as sets), if there is one."""
+    if not longer or len(longer) != len(shorter):
+        return None
+    candidates = [n for n in shorter if longer[0].endswith(n) and n != longer[0]]
+    for name in candidates:
+        prefix = longer[0][: -len(name)]
+        if {prefix + n for n in shorter} == set(longer):
+            return prefix
+    return None
 
 
 def precision_notes(base: Signature, models: Sequence[Signature], labels: Sequence[str]) -> list[str]:

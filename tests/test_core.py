@@ -179,6 +179,46 @@ def test_merge_keeps_dtype_and_refuses_mismatches():
         mergeflow.merge("task_arithmetic", base, [ft], lamb=1.0)
 
 
+def _signature(names: dict[str, tuple[int, ...]]) -> dict:
+    return {n: (shape, torch.float32) for n, shape in names.items()}
+
+
+LLAMA_NAMES = {"model.embed_tokens.weight": (32, 8), "model.layers.0.mlp.up_proj.weight": (16, 8)}
+
+
+@pytest.mark.parametrize("base, model, hint", [
+    (LLAMA_NAMES, {f"base_model.{n}": s for n, s in LLAMA_NAMES.items()},
+     "m: its names carry the prefix 'base_model.' that the base's lack"),
+    ({f"base_model.{n}": s for n, s in LLAMA_NAMES.items()}, LLAMA_NAMES,
+     "m: the base's names carry the prefix 'base_model.' that its names lack"),
+    (LLAMA_NAMES, {**LLAMA_NAMES, "lm_head.weight": (32, 8)},
+     "m: lm_head.weight has the shape of model.embed_tokens.weight: the base ties its output head"),
+    ({**LLAMA_NAMES, "lm_head.weight": (32, 8)}, LLAMA_NAMES,
+     "m: lm_head.weight has the shape of model.embed_tokens.weight: the model ties its output head"),
+])
+def test_mismatched_names_say_why_where_the_names_tell(base, model, hint):
+    """A wrapper's prefix, or an output head tied on one side, is named, and the advice to copy
+    the base's tensors (wrong for a tied head) is not given."""
+    from mergeflow.compatibility import check_compatible
+
+    with pytest.raises(IncompatibleCheckpoints) as err:
+        check_compatible(_signature(base), [_signature(model)], ["m"])
+    assert hint in str(err.value) and "base_only_tensors" not in str(err.value)
+
+
+def test_names_that_differ_otherwise_get_no_guess():
+    from mergeflow.compatibility import check_compatible
+
+    model = {**LLAMA_NAMES, "lm_head.weight": (30, 8)}  # not the embeddings' shape: no tied head
+    with pytest.raises(IncompatibleCheckpoints) as err:
+        check_compatible(_signature(LLAMA_NAMES), [_signature(model)], ["m"])
+    assert "ties" not in str(err.value) and "prefix" not in str(err.value)
+    with pytest.raises(IncompatibleCheckpoints) as err:  # one renamed tensor is not a prefix
+        check_compatible(_signature(LLAMA_NAMES), [_signature({"x.model.embed_tokens.weight": (32, 8),
+                                                               "model.layers.0.mlp.up_proj.weight": (16, 8)})], ["m"])
+    assert "prefix" not in str(err.value)
+
+
 def test_finite_check_sees_every_nan_and_inf_and_trusts_large_finite_values():
     # check_finite sums first; a sum that overflows from finite values must not be an error,
     # and NaN/inf must be found in every float dtype (float8 has no isfinite of its own).
