@@ -358,6 +358,57 @@ def test_pcb_score_kernel_gives_the_torch_scores_bitwise(dtype, n, scales):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_pcb_score_window_kernel_gives_the_torch_stats_and_bytes(tmp_path, monkeypatch, dtype):
+    """The score pass's fused window (the cut's counts, its candidates and the max, from exp(intra)
+    and tanh(inter) without the scores), on models large enough for a sampled window: the same
+    statistics and bytes as the torch code, and the kernel did the counting, marking."""
+    from mergeflow.kernels import pcb as kernel
+
+    tiles = []
+    real, real_reach = kernel.ScoreWindow.add, kernel.ScoreWindow.reach.fget
+    monkeypatch.setattr(kernel.ScoreWindow, "add", lambda self, *args: tiles.append(args[-1]) or real(self, *args))
+    monkeypatch.setattr(kernel, "SCORE_TILE", 1000)  # units of 3000 entries: several tiles each
+    marked = []
+    monkeypatch.setattr(kernel.ScoreWindow, "reach", property(lambda self: marked.append(1) or real_reach(self)))
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randint(-64, 65, (300, 64), generator=g).float() / 32, "b": torch.zeros(64)}
+    fts = [{k: v + torch.randint(-3, 4, v.shape, generator=g).float() / 64 for k, v in base.items()} for _ in range(3)]
+    fts[0]["w"][:4] = base["w"][:4] * 40  # a few large products: tanh is not the identity there
+    base, *fts = [{k: v.to(dtype) for k, v in sd.items()} for sd in [base, *fts]]
+    dirs = _write_all(tmp_path, base, fts)
+    common = dict(progress=False, workers=2, chunk_elems=3000, kth_cap=8000, kth_sample=3000, input_hashes=["h"] * 4)
+    hp = {"ratio": 0.1, "clip": 0.02}
+    fused = merge_checkpoints("pcb", dirs[0], dirs[1:], tmp_path / "fused", hp, **common)
+    plain = merge_checkpoints("pcb", dirs[0], dirs[1:], tmp_path / "torch", hp, cpu_kernels=False, **common)
+    assert 1000 in tiles and marked  # the kernel counted, several tiles a unit, and marked candidates
+    assert fused.stats == plain.stats and fused.output_hash == plain.output_hash
+    expected, got = mergeflow.merge("pcb", base, fts, **hp), load_state_dict(tmp_path / "fused")
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_score_window_counts_ties_at_the_bounds_nan_and_the_max_as_numpy_and_torch():
+    from mergeflow.engine.selection import _window_cpu
+    from mergeflow.kernels.pcb import ScoreWindow
+
+    e = torch.tensor([[1.0, 2.0, 1.0, 4.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    t = torch.tensor([[0.5, 0.5, 2.0, -1.0, 3.0, 1.5], [-0.0, 1.0, float("nan"), 2.0, 0.5, 0.5]])
+    lo, hi = torch.tensor([1.0, 0.5]), torch.tensor([2.0, 0.5])  # row 1: lo == hi
+    window = ScoreWindow(2, 6, lo, hi)
+    window.add(e[:, :4].contiguous(), t[:, :4].contiguous(), 0)  # two tiles
+    window.add(e[:, 4:].contiguous(), t[:, 4:].contiguous(), 4)
+    want_counts, want_kept, want_reach = _window_cpu(e * t, lo, hi, mark=True)
+    assert window.counts.tolist() == want_counts.tolist() == [[2, 1], [1, 2], [1, 0]]
+    assert [k.tolist() for k in window.kept] == [k.tolist() for k in want_kept] == [[1.5], []]
+    assert window.reach.tolist() == want_reach.tolist()
+    assert np.unpackbits(window.reach)[:6].tolist() == [0, 1, 1, 1, 1, 1]  # column 0: both rows below lo
+    maxima = window.maxima
+    assert maxima[0] == 3.0 and maxima[1].isnan() and torch.equal((e * t).amax(dim=1).isnan(), maxima.isnan())
+    negative = ScoreWindow(1, 3, lo[:1], hi[:1])
+    negative.add(torch.ones(1, 3), torch.tensor([[-3.0, -1.0, -2.0]]), 0)
+    assert negative.maxima.tolist() == [-1.0]  # the max of negative scores: the order keys flip them right
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("marked", [True, False], ids=["candidates", "every entry"])
 def test_pcb_merge_kernel_writes_the_torch_bytes(dtype, n, marked):

@@ -75,7 +75,7 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
     todo, round_no = units, 0
     while todo:
         def work(unit: Unit, check: bool = check_finite and round_no == 0) -> dict[str, object]:
-            fused = _fused_window(plan, stat_pass, reductions[key(unit)], unit, check)
+            fused = _fused_window(plan, stat_pass, stats, reductions[key(unit)], unit, check)
             if fused is not None:
                 return fused
             values = None if check else _values_by_kernel(plan, stat_pass, stats, unit)
@@ -99,24 +99,36 @@ def _run_stat_pass(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, uni
     return results
 
 
-def _fused_window(plan: MergePlan, stat_pass: StatPass, reduction: PassReduction, unit: Unit,
-                  check: bool) -> dict[str, object] | None:
+def _fused_window(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats, reduction: PassReduction,
+                  unit: Unit, check: bool) -> dict[str, object] | None:
     """The unit's partial results from the pass's fused CPU window kernel (StatPass.cpu_window),
-    or None where it does not apply: pending k-th values only (one kernel call for all of them:
-    PCB's clip has two), each in window mode and marking nothing."""
+    or None where it does not apply: pending k-th values in window mode (one kernel call for all
+    of them: PCB's clip has two), marking their candidates only if the kernel can, and pending
+    maxima only if the kernel gives them."""
+    kernel = stat_pass.cpu_window
     pending = reduction.pending()
-    if stat_pass.cpu_window is None or not pending or any(name not in reduction.kth for name in pending):
+    if kernel is None or not pending or not kernel.applies(plan.params):
         return None
-    selections = [reduction.kth[name] for name in pending]
-    if any(sel.mode != "window" or sel.marking for sel in selections):
+    kth = [name for name in pending if name in reduction.kth]
+    maxima = [name for name in pending if name not in reduction.kth]
+    selections = [reduction.kth[name] for name in kth]
+    if not kth or any(sel.mode != "window" for sel in selections):
+        return None
+    if maxima and (not kernel.maxima or any(reduction.reductions[name].kind != "max" for name in maxima)):
+        return None
+    marked = next((i for i, sel in enumerate(selections) if sel.marking), None)
+    if marked is not None and not kernel.marks:
         return None
     raw = kernel_input(plan, unit)
     if raw is None:
         return None
-    windows, nonfinite = stat_pass.cpu_window(raw, [(sel.lo, sel.hi) for sel in selections])
-    if nonfinite and check:
+    result = kernel.counts(raw, plan.params, stats, [(sel.lo, sel.hi) for sel in selections], marked)
+    if result.nonfinite and check:
         read_group(plan, unit, check_finite=True)  # raises, naming the tensor and the model
-    return {name: (unit.elems, counts, kept, None) for name, (counts, kept) in zip(pending, windows, strict=True)}
+    partials: dict[str, object] = {name: result.maxima for name in maxima}
+    for i, (name, (counts, kept)) in enumerate(zip(kth, result.windows, strict=True)):
+        partials[name] = (unit.elems, counts, kept, result.reach if i == marked else None)
+    return partials
 
 
 def _values_by_kernel(plan: MergePlan, stat_pass: StatPass, stats: GlobalStats,

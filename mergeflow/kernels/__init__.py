@@ -105,6 +105,7 @@ def _load(pairs: list[tuple[torch.dtype, torch.dtype]]) -> None:
         rows.count_nonfinite(storage_array(raw))
         window.abs_delta_windows(raw, [(torch.zeros(2), torch.ones(2))])
         pcb.score_arguments(raw, torch.zeros(2), torch.ones(2), 1.0)
+        pcb.ScoreWindow(2, 8, torch.zeros(2), torch.ones(2)).add(torch.ones(2, 8), torch.ones(2, 8), 0)
         pcb.merge_nlp(raw, out, torch.arange(8), (torch.zeros(2), torch.ones(2)) * 2, 1.0, torch.tanh_, 1.0)
 
 

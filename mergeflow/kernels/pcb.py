@@ -1,5 +1,6 @@
 """PCB-Merging (the nlp variant) fused over the stored inputs: the score pass's arguments of exp
-and tanh (`score_arguments`), and the merge at the candidates (`merge_nlp`). The method
+and tanh (`score_arguments`) and its window counts from the two factors of the scores
+(`ScoreWindow`), and the merge at the candidates (`merge_nlp`). The method
 (`mergeflow.methods.pcb`) chooses the positions and passes the statistics.
 
 Exactly the float32 operations of `mergeflow.methods.pcb._scores_from` before its exp and tanh,
@@ -14,6 +15,7 @@ bit. What the kernel saves is the float32 copy of the inputs and a dozen torch p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -21,22 +23,24 @@ import torch
 from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
-from mergeflow.kernels.rows import sum_rows
-from mergeflow.kernels.storage import load, store
+from mergeflow.kernels.rows import flagged, sum_rows
+from mergeflow.kernels.storage import f32_bits, load, store
 
 
-def score_arguments(raw: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                    tanh_identity_below: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(inter, intra, large): inter and intra (n, m) float32 on this thread's scratch (valid until
-    its next unit), from the stacked stored values raw (n + 1, m) and each task's clip bounds
-    low, high (n,); `large` counts the inter entries at or above `tanh_identity_below` in
-    magnitude (where tanh is not the identity: when there are none, tanh has nothing to do)."""
-    n, m = raw.shape[0] - 1, raw.shape[1]
+def score_arguments(raw: torch.Tensor, low: torch.Tensor, high: torch.Tensor, tanh_identity_below: float,
+                    columns: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(inter, intra, large): inter and intra (n, w) float32 on this thread's scratch (valid until
+    its next call), from the stacked stored values raw (n + 1, m) (its `columns` [j0, j1), w wide;
+    all by default) and each task's clip bounds low, high (n,); `large` counts the inter entries
+    at or above `tanh_identity_below` in magnitude (where tanh is not the identity: when there
+    are none, tanh has nothing to do)."""
+    n = raw.shape[0] - 1
+    j0, j1 = columns or (0, raw.shape[1])
     lo, hi = _row_values(low), _row_values(high)
-    inter, intra = thread_scratch("pcb_inter", (n, m)), thread_scratch("pcb_intra", (n, m))
-    total = thread_scratch("pcb_total", (1, m))
-    large = _arguments(storage_array(raw), lo, hi, _span(lo, hi), np.float32(n), np.float32(tanh_identity_below),
-                       inter, intra, total)
+    inter, intra = thread_scratch("pcb_inter", (n, j1 - j0)), thread_scratch("pcb_intra", (n, j1 - j0))
+    total = thread_scratch("pcb_total", (1, j1 - j0))
+    large = _arguments(storage_array(raw), j0, j1, lo, hi, _span(lo, hi), np.float32(n),
+                       np.float32(tanh_identity_below), inter, intra, total)
     return torch.from_numpy(inter), torch.from_numpy(intra), int(large)
 
 
@@ -53,11 +57,11 @@ def _entry(t, total, low, high, span, n_tasks):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _arguments(raw, lo, hi, width, n_tasks, identity_below, inter, intra, total):
-    base = raw[0]
+def _arguments(raw, j0, j1, lo, hi, width, n_tasks, identity_below, inter, intra, total):
+    base = raw[0, j0:j1]  # slices indexed from 0 (see kernels.rows): the loops vectorise
     n = raw.shape[0] - 1
     for i in range(n):
-        row, tau = raw[i + 1], inter[i]
+        row, tau = raw[i + 1, j0:j1], inter[i]
         for j in range(row.shape[0]):
             tau[j] = load(row[j]) - load(base[j])
     sum_rows(inter, n, inter.shape[1], total[0])
@@ -163,3 +167,98 @@ def _weighted_mean_into(base, idx, scores, clipped, cut, top, span, lam, sums, o
         j = idx[q]
         merged = num[q] / d * lam + load(base[j])
         store(out, j, merged)
+
+
+# Columns of a unit the score pass works at a time: the float32 rows of its steps (the kernel's
+# arguments, exp and tanh in torch, the window counts) stay in the cache between them instead of
+# going through memory (3 MiB for 3 tasks).
+SCORE_TILE = 1 << 17
+
+
+class ScoreWindow:
+    """`selection._window_cpu` and the rows' max on the scores exp(intra) * tanh(inter), gathered
+    tile by tile from the two factors, without making the scores: one sweep over them instead of
+    the product's pass, the window's half dozen and the max's.
+
+    `counts` (3, n): below lo, at lo and at hi; `kept`: each row's values strictly inside;
+    `reach`: packed bits of the columns where some row reaches lo; `maxima`: each row's max, as
+    torch.amax gives it."""
+
+    def __init__(self, n: int, m: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.lows, self.highs = (np.ascontiguousarray(np.broadcast_to(b.to(torch.float32).numpy(), (n,)))
+                                 for b in (lo, hi))
+        self.counts = np.zeros((3, n), dtype=np.int64)
+        self._top_keys, self._nans = np.full(n, -(2**31), dtype=np.int32), np.zeros(n, dtype=np.int32)
+        self._reach = thread_scratch("pcb_reach", (m,), np.bool_)
+        self._kept: list[list[np.ndarray]] = [[] for _ in range(n)]
+
+    def add(self, exp_intra: torch.Tensor, tanh_inter: torch.Tensor, j0: int) -> None:
+        """The scores of columns [j0, j0 + w), given as their two factors (n, w)."""
+        e, t = exp_intra.numpy(), tanh_inter.numpy()
+        n, w = e.shape
+        counts, keys, nans = np.zeros((3, n), dtype=np.int64), np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32)
+        inside, kept = thread_scratch("pcb_inside", (n, w), np.bool_), thread_scratch("pcb_kept", (n, w))
+        kept_n, positions = np.empty(n, dtype=np.int64), thread_scratch("pcb_positions", (w,), np.int64)
+        _score_window_counts(e, t, self.lows, self.highs, counts, inside, self._reach[j0:j0 + w], keys, nans,
+                             kept, kept_n, positions)
+        self.counts += counts
+        np.maximum(self._top_keys, keys, out=self._top_keys)
+        self._nans += nans
+        for i in range(n):
+            self._kept[i].append(kept[i, :kept_n[i]].copy())
+
+    @property
+    def kept(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.concatenate(parts) if parts else np.empty(0, np.float32)) for parts in self._kept]
+
+    @property
+    def reach(self) -> np.ndarray:
+        return np.packbits(self._reach)
+
+    @property
+    def maxima(self) -> torch.Tensor:
+        keys = self._top_keys
+        maxima = torch.from_numpy(keys ^ ((keys >> 31) & _MAGNITUDE_BITS)).view(torch.float32)
+        maxima[torch.from_numpy(self._nans > 0)] = math.nan  # torch.amax: NaN wins
+        return maxima
+
+
+_MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _score_window_counts(e, t, lo, hi, counts, inside, reach, top_keys, nans, kept, kept_n, positions):
+    """Per row i of the scores s = e[i] * t[i]: counts[:, i] (below lo, equal to lo, equal to hi;
+    0 at hi when lo == hi), the NaN count, the max's order key (the float's bits with the
+    magnitude flipped below 0: their integer order is the float order, and an integer max
+    vectorises where a float one does not), and the kept_n[i] values strictly inside the window,
+    in order, in kept[i]; reach = some row has s >= lo (or NaN: not below lo), as _window_cpu's ~lt.
+    inside (n, w) bool and positions (w,) are scratch."""
+    n, w = e.shape
+    for j in range(w):
+        reach[j] = False
+    for i in range(n):
+        er, tr, row_inside = e[i], t[i], inside[i]
+        low, high = lo[i], hi[i]
+        below = at_low = at_high = nan = np.int32(0)
+        top = np.int32(-(2**31))
+        for j in range(w):
+            s = er[j] * tr[j]
+            under = s < low
+            below += np.int32(under)
+            at_low += np.int32(s == low)
+            at_high += np.int32(s == high)
+            row_inside[j] = (s > low) & (s < high)
+            reach[j] = reach[j] | (not under)
+            bits = np.int32(f32_bits(s))
+            top = max(top, bits ^ ((bits >> 31) & _MAGNITUDE_BITS))
+            nan += np.int32(s != s)
+        counts[0, i], counts[1, i] = below, at_low
+        counts[2, i] = at_high if low != high else 0  # lo == hi: the window's values count at lo
+        top_keys[i], nans[i] = top, nan
+        c = flagged(row_inside, positions)
+        row_kept = kept[i]
+        for q in range(c):
+            j = positions[q]
+            row_kept[q] = er[j] * tr[j]
+        kept_n[i] = c

@@ -99,3 +99,26 @@ def count_nonfinite(raw):
             row_finite += np.int32(is_finite(load(row[j])))
         finite += row_finite
     return raw.shape[0] * raw.shape[1] - finite
+
+
+@njit(inline="always")
+def flagged(flags, positions):
+    """positions[:c] = the indices j where flags[j] (a contiguous bool row), in order; returns c.
+
+    For sparse flags, such as the values inside a k-th value's window (well under 1 %): the
+    scan reads the flags eight at a time and looks into a word only when it is not 0."""
+    w = flags.shape[0]
+    full = w - w % 8
+    words = flags[:full].view(np.uint64)
+    c = 0
+    for q in range(words.shape[0]):
+        if words[q] != 0:
+            for j in range(8 * q, 8 * q + 8):
+                if flags[j]:
+                    positions[c] = j
+                    c += 1
+    for j in range(full, w):
+        if flags[j]:
+            positions[c] = j
+            c += 1
+    return c

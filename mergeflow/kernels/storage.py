@@ -25,7 +25,8 @@ def _bf16_to_f32(typingctx, bits):
 
 
 @intrinsic
-def _f32_bits(typingctx, value):
+def f32_bits(typingctx, value):
+    """The bits of a float32 value, as a uint32 (a bit cast)."""
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], I32)
     return types.uint32(value), codegen
@@ -52,7 +53,7 @@ def _load(value):
 def _store(out, j, value):
     if out.dtype == types.uint16:
         def store_bf16(out, j, value):
-            bits = _f32_bits(value)
+            bits = f32_bits(value)
             if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
                 out[j] = np.uint16(0x7FC0)  # NaN, as torch rounds it
             else:
@@ -87,5 +88,5 @@ def _is_negative_zero(value):
     if value == types.uint16:
         return lambda value: value == np.uint16(0x8000)
     if value == types.float32:
-        return lambda value: _f32_bits(value) == np.uint32(0x80000000)
+        return lambda value: f32_bits(value) == np.uint32(0x80000000)
     return None

@@ -16,7 +16,7 @@ import torch
 from numba import njit
 
 from mergeflow.kernels import storage_array, thread_scratch
-from mergeflow.kernels.rows import count_nonfinite
+from mergeflow.kernels.rows import count_nonfinite, flagged
 from mergeflow.kernels.storage import load
 
 
@@ -32,36 +32,42 @@ def abs_delta_windows(raw: torch.Tensor, windows: Sequence[tuple[torch.Tensor, t
     rows.count_nonfinite."""
     n, m = raw.shape[0] - 1, raw.shape[1]
     stored = storage_array(raw)
-    values, inside = thread_scratch("window_values", (n, m)), thread_scratch("window_inside", (n, m), np.bool_)
+    inside, kept = thread_scratch("window_inside", (n, m), np.bool_), thread_scratch("window_kept", (n, m))
+    positions = thread_scratch("window_positions", (m,), np.int64)
     results = []
     for lo, hi in windows:
         bounds = [np.ascontiguousarray(np.broadcast_to(b.to(torch.float32).numpy(), (n,))) for b in (lo, hi)]
-        counts = np.zeros((3, n), dtype=np.int64)
-        _loops(stored, *bounds, counts, values, inside)
-        # numpy's flatnonzero on a bool row is a SIMD scan, several times faster than a
-        # compaction loop here: the window holds well under 1 % of the values
-        results.append((counts, [torch.from_numpy(values[i][np.flatnonzero(inside[i])]) for i in range(n)]))
+        counts, kept_n = np.zeros((3, n), dtype=np.int64), np.zeros(n, dtype=np.int64)
+        _loops(stored, *bounds, counts, inside, kept, kept_n, positions)
+        results.append((counts, [torch.from_numpy(kept[i, :kept_n[i]].copy()) for i in range(n)]))
     return results, int(count_nonfinite(stored))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _loops(raw, lo, hi, counts, values, inside):
+def _loops(raw, lo, hi, counts, inside, kept, kept_n, positions):
     """raw: (n + 1, m) stored values, base first; lo, hi: (n,) float32 window bounds.
 
-    Fills counts (3, n) int64 with the values below lo, equal to lo and equal to hi, values
-    (n, m) float32 with |theta_i - theta_0| and inside (n, m) bool with lo < value < hi.
+    Fills counts (3, n) int64 with the values |theta_i - theta_0| below lo, equal to lo and
+    equal to hi, and kept[i, :kept_n[i]] with those strictly inside (lo, hi), in order; inside
+    (n, m) bool and positions (m,) are scratch: the sweep that counts only flags the few inside,
+    so it stays vectorised, and a scan then gathers them.
     """
     n1, m = raw.shape
     base = raw[0]
     for i in range(n1 - 1):
-        row, low, high, row_values, row_inside = raw[i + 1], lo[i], hi[i], values[i], inside[i]
+        row, low, high, row_inside = raw[i + 1], lo[i], hi[i], inside[i]
         below = at_low = at_high = np.int32(0)
         for j in range(m):
             a = abs(load(row[j]) - load(base[j]))
-            row_values[j] = a
             below += np.int32(a < low)
             at_low += np.int32(a == low)
             at_high += np.int32(a == high)
             row_inside[j] = (a > low) & (a < high)
         counts[0, i], counts[1, i] = below, at_low
         counts[2, i] = at_high if low != high else 0  # lo == hi: the window's values count at lo
+        c = flagged(row_inside, positions)
+        row_kept = kept[i]
+        for q in range(c):
+            j = positions[q]
+            row_kept[q] = abs(load(row[j]) - load(base[j]))
+        kept_n[i] = c

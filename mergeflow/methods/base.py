@@ -201,14 +201,6 @@ def negative_zeros(values: torch.Tensor) -> torch.Tensor:
     return bits == pattern
 
 
-def abs_delta_windows(raw: torch.Tensor, windows: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A `StatPass.cpu_window` for passes whose values are |tau|: the fused kernel of
-    mergeflow.kernels.window, imported on first use (numba loads only for methods that use it)."""
-    from mergeflow.kernels.window import abs_delta_windows as kernel
-
-    return kernel(raw, windows)
-
-
 def check_lam_count(params: Hyperparams, n: int) -> None:
     """A per-task `lam` list must have one value per fine-tuned model (checked before any work)."""
     lam = getattr(params, "lam", None)
@@ -269,6 +261,50 @@ class CpuValues:
 
 
 @dataclass(frozen=True)
+class WindowCounts:
+    """A fused window kernel's results for one unit (see CpuWindow)."""
+
+    windows: list[tuple[np.ndarray, list[torch.Tensor]]]  # per (lo, hi): counts, values inside
+    nonfinite: int = 0  # input values that are NaN or inf (counted by the passes that read them first)
+    reach: np.ndarray | None = None  # packed bits: the columns where some row reaches the marked lo
+    maxima: torch.Tensor | None = None  # each row's max (as torch.amax), where the kernel gives it
+
+
+@dataclass(frozen=True)
+class CpuWindow:
+    """A fused CPU kernel for a StatPass whose k-th values all come from one source: what
+    `selection._window_cpu` gives for each window on that source, from the stacked stored values
+    raw (n + 1, m) (bf16 or float32, base first), without the values themselves.
+
+    `counts(raw, params, stats, windows, mark)`: `windows` is [(lo, hi), ...] (rows,) each; per
+    window the (3, rows) counts below lo, at lo and at hi (0 at hi when lo == hi) and each row's
+    values strictly inside; with `mark` (a window's index), also `reach` for that window's lo.
+    `marks`: whether it gives `reach` (a k-th value with Reduce.marks_candidates); `maxima`:
+    whether it gives the rows' max, for a Reduce("max") of the same source. `applies(params)`:
+    whether it serves these hyperparameters (checked before the unit is read)."""
+
+    counts: Callable[[torch.Tensor, Hyperparams, GlobalStats, list[tuple[torch.Tensor, torch.Tensor]], int | None],
+                     WindowCounts]
+    applies: Callable[[Hyperparams], bool] = lambda params: True
+    marks: bool = False
+    maxima: bool = False
+
+
+def _abs_delta_windows(raw: torch.Tensor, params: Hyperparams, stats: GlobalStats,
+                       windows: list[tuple[torch.Tensor, torch.Tensor]], mark: int | None) -> WindowCounts:
+    """The fused window counts of |tau|, mergeflow.kernels.window's, imported on first use
+    (numba loads only for methods that use it)."""
+    from mergeflow.kernels.window import abs_delta_windows as kernel
+
+    counts, nonfinite = kernel(raw, windows)
+    return WindowCounts(counts, nonfinite)
+
+
+# A `StatPass.cpu_window` for passes whose values are |tau| (TIES's trim, PCB's clip).
+ABS_DELTA_WINDOWS = CpuWindow(_abs_delta_windows)
+
+
+@dataclass(frozen=True)
 class StatPass:
     """One pass over every float tensor of the model.
 
@@ -278,12 +314,8 @@ class StatPass:
 
     values: Callable[[TensorGroup, Hyperparams, GlobalStats], dict[str, torch.Tensor]]
     reductions: Callable[[Hyperparams], dict[str, Reduce]]
-    # Optional: cpu_window(raw, [(lo, hi), ...]) -> ([(counts (3, rows), kept values per row)
-    # per window], non-finite input count): what `selection._window_cpu` gives for each window
-    # on this pass's one k-th value source, computed from the stacked stored values raw
-    # (n + 1, m) (base first), in one call for all the windows.
-    cpu_window: Callable[[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]],
-                         tuple[list[tuple[np.ndarray, list[torch.Tensor]]], int]] | None = None
+    # Optional: the window counts of the pass's k-th values by a fused kernel (see CpuWindow).
+    cpu_window: CpuWindow | None = None
     # Optional: `values` by a fused kernel from the stored values (see CpuValues).
     cpu_values: CpuValues | None = None
 

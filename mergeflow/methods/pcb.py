@@ -38,14 +38,16 @@ import torch
 from pydantic import Field, model_validator
 
 from mergeflow.methods.base import (
+    ABS_DELTA_WINDOWS,
     CpuKernel,
     CpuValues,
+    CpuWindow,
     GlobalStats,
     Hyperparams,
     Reduce,
     StatPass,
     TensorGroup,
-    abs_delta_windows,
+    WindowCounts,
     negative_zeros,
     nonzero_positions,
     sum_over_tasks,
@@ -273,13 +275,38 @@ def _is_nlp(params: PcbParams) -> bool:
 
 def _score_values_from_stored(raw: torch.Tensor, params: PcbParams, stats: GlobalStats) -> dict[str, torch.Tensor]:
     """`_score_values` (nlp) with the steps before exp and tanh in a fused kernel."""
+    _check_clip_range(stats)
+    exp_intra, tanh_inter = _score_factors(raw, stats)
+    return {"pcb_score": exp_intra.mul_(tanh_inter)}  # as _scores_from: exp(intra) * tanh(inter)
+
+
+def _score_windows(raw: torch.Tensor, params: PcbParams, stats: GlobalStats,
+                   windows: list[tuple[torch.Tensor, torch.Tensor]], mark: int | None) -> WindowCounts:
+    """The score cut's window counts, its candidates and the scores' max (nlp), from the two
+    factors of the scores, a tile of columns at a time (mergeflow.kernels.pcb.ScoreWindow)."""
+    from mergeflow.kernels.pcb import SCORE_TILE, ScoreWindow
+
+    (lo, hi), = windows  # the score pass has one k-th value, the cut
+    _check_clip_range(stats)
+    n, m = raw.shape[0] - 1, raw.shape[1]
+    window = ScoreWindow(n, m, lo, hi)
+    for j0 in range(0, m, SCORE_TILE):
+        window.add(*_score_factors(raw, stats, (j0, min(m, j0 + SCORE_TILE))), j0)
+    return WindowCounts([(window.counts, window.kept)], reach=window.reach if mark is not None else None,
+                        maxima=window.maxima)
+
+
+def _score_factors(raw: torch.Tensor, stats: GlobalStats,
+                   columns: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(intra) and tanh(inter) (n, w) of the nlp scores of raw's `columns` (all by default),
+    the steps before exp and tanh in a fused kernel (on this thread's scratch: valid until its
+    next call)."""
     from mergeflow.kernels.pcb import score_arguments
 
-    _check_clip_range(stats)
-    inter, intra, large = score_arguments(raw, stats[CLIP_LOW], stats[CLIP_HIGH], TANH_IS_IDENTITY_BELOW)
+    inter, intra, large = score_arguments(raw, stats[CLIP_LOW], stats[CLIP_HIGH], TANH_IS_IDENTITY_BELOW, columns)
     if large:  # else tanh(inter) is inter itself, bit for bit
         tanh_(inter)
-    return {"pcb_score": intra.exp_().mul_(inter)}  # as _scores_from: exp(intra) * tanh(inter)
+    return intra.exp_(), inter
 
 
 def _score_reductions(params: PcbParams) -> dict[str, Reduce]:
@@ -299,8 +326,10 @@ def check_score_stats(stats: GlobalStats) -> None:
         )
 
 
-PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=abs_delta_windows),
-                   StatPass(_score_values, _score_reductions, cpu_values=CpuValues(_score_values_from_stored, _is_nlp)))
+PCB_STAT_PASSES = (StatPass(_clip_values, _clip_reductions, cpu_window=ABS_DELTA_WINDOWS),
+                   StatPass(_score_values, _score_reductions,
+                            cpu_window=CpuWindow(_score_windows, _is_nlp, marks=True, maxima=True),
+                            cpu_values=CpuValues(_score_values_from_stored, _is_nlp)))
 
 
 def _pcb_fused_cpu(name: str, offset: int, raw: torch.Tensor, out: torch.Tensor, params: PcbParams,

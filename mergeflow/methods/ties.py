@@ -38,6 +38,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mergeflow.methods.base import (
+    ABS_DELTA_WINDOWS,
     CpuKernel,
     FusedLastPass,
     GlobalStats,
@@ -46,7 +47,6 @@ from mergeflow.methods.base import (
     Reduce,
     StatPass,
     TensorGroup,
-    abs_delta_windows,
     negative_zeros,
     nonzero_positions,
     sum_over_tasks,
@@ -285,7 +285,7 @@ def _signs(group: TensorGroup, params: TiesParams, stats: GlobalStats) -> dict[s
     return {"ties_sign": sign_count_values(_trimmed(group, params, stats))}
 
 
-TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds, cpu_window=abs_delta_windows)
+TRIM_PASS = StatPass(values=_magnitudes, reductions=_thresholds, cpu_window=ABS_DELTA_WINDOWS)
 MAJORITY_PASS = StatPass(values=_signs, reductions=lambda p: {"ties_majority": Reduce("ties_sign", "sum")})
 
 
