@@ -174,6 +174,10 @@ def _weighted_mean_into(base, idx, scores, clipped, cut, top, span, lam, sums, o
 # going through memory (3 MiB for 3 tasks).
 SCORE_TILE = 1 << 17
 
+# Flips the magnitude bits of a negative float32's bits: the integers then order as the floats
+# (engine.selection.order_keys, here inside a kernel).
+_MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
+
 
 class ScoreWindow:
     """`selection._window_cpu` and the rows' max on the scores exp(intra) * tanh(inter), gathered
@@ -222,8 +226,6 @@ class ScoreWindow:
         maxima[torch.from_numpy(self._nans > 0)] = math.nan  # torch.amax: NaN wins
         return maxima
 
-
-_MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
