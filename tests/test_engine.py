@@ -369,6 +369,30 @@ def test_dry_run_checks_and_writes_nothing(zoo, tmp_path, capsys):
     assert "estimated time" in capsys.readouterr().err
 
 
+def test_the_estimate_counts_passes_workers_and_what_the_process_holds(zoo, tmp_path, monkeypatch):
+    import re
+
+    from mergeflow.engine import run
+    from mergeflow.engine.memory import resident_bytes
+
+    def estimate(method: str, workers: int) -> tuple[float, float]:
+        plan = merge_checkpoints(method, zoo["base_dir"], zoo["ft_dirs"], tmp_path / "o", {}, dry_run=True,
+                                 progress=False)
+        found = re.search(r"estimated time ~(\d+) s, peak memory ~(\d+) MiB", run.estimate(plan, workers))
+        return float(found[1]), float(found[2])
+
+    monkeypatch.setattr(run, "ASSUMED_BYTES_PER_SECOND_PER_WORKER", 1e3)  # seconds for the tiny zoo
+    monkeypatch.setattr(run.MergePlan, "inputs_in_page_cache", lambda self: True)
+    ta, ta_peak = estimate("task_arithmetic", 1)
+    ties, _ = estimate("ties", 1)
+    assert ties >= 2 * ta - 1  # TIES reads the inputs twice (trim pass, merge), TA once
+    assert estimate("ties", 2)[0] <= ties / 2 + 1  # twice the workers, half the time
+    assert ta_peak >= resident_bytes() / 2**20  # at least what this process holds already
+    monkeypatch.setattr(run.MergePlan, "inputs_in_page_cache", lambda self: False)
+    monkeypatch.setattr(run, "ASSUMED_DISK_BYTES_PER_SECOND", 1e3)
+    assert estimate("task_arithmetic", 1)[0] >= 2 * ta - 1  # inputs on disk: one more read
+
+
 def _cancellation_models(majority: int) -> tuple[dict, list[dict]]:
     """Two fine-tunes whose deltas cancel exactly on `cancel` and whose summed signs over the
     whole model add up to `majority` (-1, 0 or +1) on `vote`."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import resource
 
 TRIM_EVERY_BYTES = 512 << 20  # input bytes between malloc_trim calls
 
@@ -60,3 +62,13 @@ def glibc() -> ctypes.CDLL | None:
         return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc/self/statm; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if os.uname().sysname == "Darwin" else peak * 1024  # bytes on macOS, KiB on Linux
