@@ -408,6 +408,27 @@ def test_score_window_counts_ties_at_the_bounds_nan_and_the_max_as_numpy_and_tor
     assert negative.maxima.tolist() == [-1.0]  # the max of negative scores: the order keys flip them right
 
 
+@pytest.mark.parametrize("width", [0, 5, 8, 61, 64, 1000])
+def test_flagged_lists_every_set_flag_in_order_in_full_words_and_the_tail(width):
+    """rows.flagged skips empty 8-flag words and scans the last width % 8 flags one by one."""
+    from numba import njit
+
+    from mergeflow.kernels.rows import flagged
+
+    @njit
+    def call(flags, positions):
+        return flagged(flags, positions)
+
+    rng = np.random.default_rng(width)
+    for density in (0.0, 0.01, 0.5, 1.0):
+        flags = rng.random(width) < density
+        if width:
+            flags[-1] = density > 0  # the tail's last flag, and a word boundary's neighbours
+        positions = np.full(width, -1, dtype=np.int64)
+        count = call(flags, positions)
+        assert positions[:count].tolist() == np.flatnonzero(flags).tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("marked", [True, False], ids=["candidates", "every entry"])
