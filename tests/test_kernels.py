@@ -455,6 +455,27 @@ def test_pcb_merge_kernel_writes_the_torch_bytes(dtype, n, marked):
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
 
 
+def test_a_process_exits_only_after_a_kernel_load_still_running(tmp_path):
+    """A merge of small models ends before numba has loaded; exiting with its loader inside LLVM
+    could abort the process (exit 134) after the output was written. The exit waits for it."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "loaded"
+    script = (
+        "import time, torch\n"
+        "from mergeflow import kernels\n"
+        "def slow_load(pairs):\n"
+        "    time.sleep(1.5)\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "kernels._load = slow_load\n"
+        "kernels.prepare({(torch.bfloat16, torch.bfloat16)})\n"  # and exit at once
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()  # the load finished before the process ended
+
+
 def test_kernels_load_without_importing_scipy_and_leave_it_importable():
     # numba's first kernel call would import scipy.linalg (0.15-0.25 s holding the GIL) only to
     # check for BLAS; the loading thread is refused scipy, nobody else is, and nothing stays.

@@ -16,6 +16,7 @@ done, `ready` is False and the engine runs the torch code, which gives the same 
 
 from __future__ import annotations
 
+import atexit
 import importlib.abc
 import sys
 import threading
@@ -28,6 +29,8 @@ STORAGE_DTYPES = (torch.bfloat16, torch.float32)
 
 _prepared: dict[tuple[torch.dtype, torch.dtype], threading.Event] = {}
 _prepared_lock = threading.Lock()
+_loaders: list[threading.Thread] = []
+EXIT_WAIT_SECONDS = 120  # at most, for a load still running when the process exits
 
 
 def prepare(pairs: set[tuple[torch.dtype, torch.dtype]]) -> None:
@@ -36,8 +39,22 @@ def prepare(pairs: set[tuple[torch.dtype, torch.dtype]]) -> None:
         todo = [p for p in pairs if p not in _prepared and set(p) <= set(STORAGE_DTYPES)]
         for p in todo:
             _prepared[p] = threading.Event()
-    if todo:
-        threading.Thread(target=_warm_up, args=(todo,), name="mergeflow-kernels", daemon=True).start()
+        if not todo:
+            return
+        loader = threading.Thread(target=_warm_up, args=(todo,), name="mergeflow-kernels", daemon=True)
+        if not _loaders:
+            atexit.register(_wait_for_loaders)
+        _loaders.append(loader)
+    loader.start()
+
+
+def _wait_for_loaders() -> None:
+    """At exit, let a kernel load still running finish first. A merge of small models ends before
+    numba has loaded (~0.6 s), and a daemon thread left inside LLVM while the interpreter shuts
+    down can abort the process after the merge was written ("terminate called without an active
+    exception", exit 134: 1 run in 40 of a small merge under load)."""
+    for loader in _loaders:
+        loader.join(EXIT_WAIT_SECONDS)
 
 
 def ready(stored: torch.dtype, output: torch.dtype) -> bool:
