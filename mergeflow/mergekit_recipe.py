@@ -20,8 +20,9 @@ model's tokenizer files in any case.
 Every weight 0 gives the base model in the task-vector methods (mergekit's divisor guard turns
 0/0 into 0), and is refused for linear (mergekit divides by the zero sum: a NaN model).
 
-Known differences (bench/bench_vs_mergekit.py measures them; task_arithmetic agrees bit for bit
-in float32):
+Known differences (bench/bench_vs_mergekit.py measures them; linear, and task_arithmetic with
+weights 1, agree bit for bit in float32; other weights round differently in the last bit, as
+mergeflow scales each task vector by its lam and mergekit the weighted sum):
 - where the weighted trimmed sum is exactly zero, mergekit takes the sign +1, mergeflow the whole
   model's majority sign (the official TIES rule);
 - entries tied at a tensor's trim threshold: mergekit keeps exactly int(density * numel) entries,
@@ -30,7 +31,11 @@ in float32):
   rule). bf16 task vectors have many ties: on bench_engine's small Llama in float32, 67,174 of
   4,999,424 entries differed for this reason and 3,943 for the first, none for any other;
 - mergekit computes in the recipe's dtype (bf16 rounds every intermediate), mergeflow in
-  float32, rounding once at the end.
+  float32, rounding once at the end;
+- DARE: besides the random masks (different generators), the rescale of the kept entries:
+  mergeflow multiplies them by 1/(1-p), as the DARE paper's code; mergekit (0.1.5) scales each
+  task's tensor back to its L1 norm before the drop. The two agree in expectation, and closely
+  on large tensors; on a 256-entry norm tensor at density 0.5 they differed by up to 12.6 %.
 Everything else that
 mergekit can express but mergeflow cannot (per-model densities that differ, per-layer gradient
 lists, tensor filters, slices, tokenizer merging, linear without normalize, ...) is an
@@ -114,14 +119,17 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
         for key in sorted(set(params) - {"weight", "density"}, key=str):
             raise fail(f"models[{i}].parameters.{key}: not supported (only weight and density)")
         models.append(name)
-        weights.append(_scalar(params.get("weight", default_weight), f"models[{i}].parameters.weight", fail))
-        densities.append(_scalar(params.get("density", default_density), f"models[{i}].parameters.density", fail))
+        weights.append(_per_model(params, "weight", default_weight, i, fail))
+        densities.append(_per_model(params, "density", default_density, i, fail))
     if not models:
         raise fail(f"models: no model to merge besides base_model {base!r}; list the fine-tuned models")
     if len(set(densities)) > 1:
         raise fail(f"models[*].parameters.density: per-model densities differ ({densities}); "
                    "mergeflow uses one density for all models")
     density = densities[0]
+    if not 0.0 <= density <= 1.0 or (method.startswith("dare") and density == 0.0):
+        raise fail(f"parameters.density: {density:g} is not a kept fraction; give one in "
+                   f"{'(0, 1]' if method.startswith('dare') else '[0, 1]'} (1 keeps every entry)")
     out = {"base": base, "dtype": cfg.get("out_dtype") or cfg.get("dtype")}
 
     if method == "slerp":
@@ -134,10 +142,16 @@ def from_mergekit(cfg: dict[str, Any], *, source: str = "recipe") -> dict[str, A
 
     lam = _scalar(globals_.pop("lambda", 1.0), "parameters.lambda", fail)
     normalize = _flag(globals_.pop("normalize", method in ("ties", "linear")), "parameters.normalize", fail)
-    rescale = _flag(globals_.pop("rescale", True), "parameters.rescale", fail)
+    # mergekit's default: rescale the DARE methods' dropped task vectors, not the others'
+    rescale = _flag(globals_.pop("rescale", method.startswith("dare")), "parameters.rescale", fail)
     _no_more(globals_, fail)
     if method.startswith("dare") and not rescale:
-        raise fail("parameters.rescale: false is not supported (DARE always rescales by 1/(1-p))")
+        raise fail("parameters.rescale: false is not supported (DARE always rescales the kept "
+                   "entries, by 1/(1-p) as the DARE paper's code)")
+    if method == "ties" and rescale and density < 1.0:
+        raise fail("parameters.rescale: true is not supported for ties (mergekit then scales each "
+                   "trimmed task vector back to its L1 norm; TIES, as its official code, does not "
+                   "rescale); drop it")
     equal = len(set(weights)) == 1
     if method == "linear":
         return _linear(out, models, weights, normalize, lam, fail)
@@ -268,6 +282,13 @@ def _scalar(value: object, field: str, fail: Fail, *, required: bool = False) ->
     if not math.isfinite(number):
         raise fail(f"{field}: expected a finite number, got {value!r}")
     return number
+
+
+def _per_model(params: dict, key: str, default: object, i: int, fail: Fail) -> float:
+    """A model's weight or density: its own, or the recipe's global one (named as such in errors)."""
+    if key in params:
+        return _scalar(params[key], f"models[{i}].parameters.{key}", fail)
+    return _scalar(default, f"parameters.{key}", fail)
 
 
 def _no_more(params: dict, fail: Fail) -> None:

@@ -121,7 +121,13 @@ def test_mergekit_linear_all_zero_weights_are_refused():
     ({"parameters": {"normalize": "false"}}, r"parameters.normalize: expected true or false \(a YAML boolean"),
     ({"merge_method": "dare_ties", "parameters": {"rescale": "false"}}, "parameters.rescale: expected true or false"),
     ({"parameters": {"normalize": 0}}, "parameters.normalize: expected true or false"),
-    ({"parameters": {"weight": True}}, r"models\[0\].parameters.weight: expected a number, got the boolean"),
+    ({"parameters": {"weight": True}}, r"\): parameters.weight: expected a number, got the boolean"),
+    ({"parameters": {"weight": [1.0, 0.5]}}, r"\): parameters.weight: per-layer gradient lists"),  # the global one
+    ({"models": [{"model": "a", "parameters": {"weight": "x"}}, "b"]}, r"models\[0\].parameters.weight: expected"),
+    ({"parameters": {"density": 1.5}}, r"parameters.density: 1.5 is not a kept fraction; give one in \[0, 1\]"),
+    ({"parameters": {"density": -0.2}}, r"parameters.density: -0.2 is not a kept fraction"),
+    ({"merge_method": "dare_ties", "parameters": {"density": 0}}, r"parameters.density: 0 .* in \(0, 1\]"),
+    ({"parameters": {"density": 0.3, "rescale": True}}, "parameters.rescale: true is not supported for ties"),
     ({"parameters": {"lambda": float("nan")}}, "parameters.lambda: expected a finite number"),
     ({"parameters": {"density": [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]}}, "per-tensor filters"),
     ({"base_model": ["base"]}, "base_model: expected one model path or name"),
@@ -131,6 +137,16 @@ def test_mergekit_bad_fields_are_named(change, message):
     cfg = {"merge_method": "ties", "base_model": "base", "models": ["a", "b"], **change}
     with pytest.raises(MergekitRecipeError, match=message):
         from_mergekit(cfg)
+
+
+def test_mergekit_rescale_defaults_follow_mergekit():
+    """mergekit rescales the DARE methods' task vectors by default and not TIES's: a ties recipe
+    without `rescale` translates, and so does a dare_ties one; ties' rescale is a no-op at density 1."""
+    ties = {"merge_method": "ties", "base_model": "base", "models": ["a", "b"], "parameters": {"density": 0.3}}
+    assert from_mergekit(ties)["hyperparameters"]["k"] == 0.3
+    dare = {**ties, "merge_method": "dare_ties"}
+    assert from_mergekit(dare)["hyperparameters"]["p"] == pytest.approx(0.7)
+    assert from_mergekit({**ties, "parameters": {"density": 1.0, "rescale": True}})["method"] == "ties"
 
 
 def test_mergekit_base_listed_with_a_trailing_slash_is_the_base():
