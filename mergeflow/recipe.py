@@ -16,6 +16,7 @@ a number), the number of models, and that every path exists.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +93,19 @@ class Recipe(BaseModel):
     def out_dtype(self) -> torch.dtype | None:
         return DTYPES[self.dtype] if self.dtype else None
 
-    def resolved(self, root: Path) -> Recipe:
+    def resolved(self, root: Path, *, mergekit: bool = False) -> Recipe:
         """The recipe with every checkpoint reference (and file hyperparameter) turned into an
-        existing local path."""
+        existing local path, relative ones from `root`. A translated mergekit recipe (`mergekit`)
+        also finds them from the working directory, as mergekit does, and names its own fields."""
         hyperparameters = dict(self.hyperparameters)
         for name in FILE_HYPERPARAMETERS.get(self.method, ()):
             if isinstance(hyperparameters.get(name), str):
                 hyperparameters[name] = _resolve_file(hyperparameters[name], root, f"hyperparameters.{name}")
+        also = Path.cwd() if mergekit else None
         return self.model_copy(update={
-            "base": _resolve(self.base, root, "base"),
-            "models": [_resolve(m, root, f"models[{i}]") for i, m in enumerate(self.models)],
+            "base": _resolve(self.base, root, "base_model" if mergekit else "base", also),
+            "models": [_resolve(m, root, "models" if mergekit else f"models[{i}]", also)
+                       for i, m in enumerate(self.models)],
             "hyperparameters": hyperparameters,
         })
 
@@ -117,7 +121,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from None
     recipe = parse_recipe(data, source=str(path))
-    return recipe.resolved(path.resolve().parent)
+    return recipe.resolved(path.resolve().parent, mergekit=isinstance(data, dict) and "merge_method" in data)
 
 
 def _recipe_text(path: Path) -> str:
@@ -178,7 +182,9 @@ def parse_recipe(data: object, *, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: method: {err}") from None
 
 
-def _resolve(ref: str, root: Path, field: str) -> str:
+def _resolve(ref: str, root: Path, field: str, also: Path | None = None) -> str:
+    """`ref` as an existing local path: relative to `root`, or else to `also` (a mergekit recipe's
+    working directory); one that names a different checkpoint from each is refused as ambiguous."""
     if ref.startswith(("hf://", "pip:")):
         from mergeflow.sources import locate_checkpoint
 
@@ -186,10 +192,19 @@ def _resolve(ref: str, root: Path, field: str) -> str:
             return str(locate_checkpoint(ref))
         except (ValueError, OSError) as err:
             raise RecipeError(f"{field}: {err}") from None
-    local = _local(ref, root)
-    if not local.exists():
-        raise RecipeError(f"{field}: {ref!r} not found (looked at {local}); {_REFERENCE_HINT}")
-    return str(local.resolve())
+    candidates = [_local(ref, root)] + ([_local(ref, also)] if also is not None else [])
+    found = list(dict.fromkeys(c.resolve() for c in candidates if c.exists()))
+    if len(found) > 1:
+        raise RecipeError(f"{field}: {ref!r} names two checkpoints, {found[0]} (next to the recipe) and "
+                          f"{found[1]} (from the working directory, where mergekit looks); give an absolute path")
+    if not found:
+        looked = " and ".join(str(c) for c in dict.fromkeys(candidates))
+        hub = f"; a Hugging Face model id is written hf://{ref}" if _HUB_ID.fullmatch(ref) else ""
+        raise RecipeError(f"{field}: {ref!r} not found (looked at {looked}){hub}; {_REFERENCE_HINT}")
+    return str(found[0])
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, as mergekit takes Hugging Face ids
 
 
 _REFERENCE_HINT = "give a local checkpoint directory or .safetensors file, hf://org/name@revision or pip:package"

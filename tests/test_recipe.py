@@ -177,6 +177,26 @@ def test_merge_command_same_recipe_same_hash_and_mergekit_equivalent(models, tmp
     assert torch.equal(out["ids"], torch.arange(3))
 
 
+def test_a_mergekit_recipe_finds_relative_models_from_the_working_directory_too(models, tmp_path, monkeypatch):
+    """mergekit resolves a recipe's paths from the working directory, mergeflow from the recipe's
+    folder: a mergekit recipe finds them either way, and is refused where both name a checkpoint."""
+    elsewhere = tmp_path / "recipes"
+    elsewhere.mkdir()
+    kit = _recipe(elsewhere / "kit.yaml", {"merge_method": "ties", "base_model": "base", "models": ["ft0", "ft1"]})
+    monkeypatch.chdir(models)
+    recipe = load_recipe(kit)
+    assert recipe.base == str((models / "base").resolve())
+    (elsewhere / "ft0").mkdir()  # a second ft0, next to the recipe
+    with pytest.raises(RecipeError, match=r"models: 'ft0' names two checkpoints.*give an absolute path"):
+        load_recipe(kit)
+    own = _recipe(elsewhere / "own.yaml", {"method": "ties", "base": "base", "models": ["ft0", "ft1"]})
+    with pytest.raises(RecipeError, match=r"base: 'base' not found"):  # mergeflow's format: the recipe's folder only
+        load_recipe(own)
+    hub = _recipe(elsewhere / "hub.yaml", {"merge_method": "ties", "base_model": "org/name", "models": ["ft1"]})
+    with pytest.raises(RecipeError, match=r"base_model: 'org/name' not found .*written hf://org/name"):
+        load_recipe(hub)
+
+
 def test_merge_command_refuses_before_writing(models, tmp_path, capsys):
     bad = _recipe(models / "bad2.yaml", {"method": "ties", "base": "base", "models": ["ft0"],
                                          "hyperparameters": {"agg": "median"}})
