@@ -38,7 +38,8 @@ mergeflow scales each task vector by its lam and mergekit the weighted sum):
   on large tensors; on a 256-entry norm tensor at density 0.5 they differed by up to 12.6 %.
 Everything else that
 mergekit can express but mergeflow cannot (per-model densities that differ, per-layer gradient
-lists, tensor filters, slices, tokenizer merging, linear without normalize, ...) is an
+lists, tensor filters, slices, tokenizer merging, linear without normalize unless its weights
+sum to 1, ...) is an
 error that names the field.
 """
 
@@ -48,6 +49,8 @@ import math
 import os
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from mergeflow.recipe import RecipeError
 
@@ -213,8 +216,13 @@ def _normalized_lam(method: str, weight: float, n: int, lam: float) -> float:
 def _linear(out: dict[str, Any], models: list[str], weights: list[float], normalize: bool, lam: float,
             fail: Fail) -> dict[str, Any]:
     """mergekit linear (sum_i w_i theta_i / sum_i w_i over the listed models) as mergeflow's average."""
-    if not normalize or lam != 1.0:
-        raise fail("linear without normalize (or with lambda) is not supported; use task_arithmetic")
+    if lam != 1.0:
+        raise fail("parameters.lambda: not supported for linear (a weighted mean); drop it")
+    total = float(torch.tensor(weights, dtype=torch.float32).sum())  # the divisor, as both tools add it
+    if not normalize and total != 1.0:  # with a sum of exactly 1, dividing by it changes nothing
+        raise fail(f"parameters.normalize: false sums w_i * theta_i without dividing by the weights' sum "
+                   f"(here {total:g}), which mergeflow's average always does; give weights that sum "
+                   "to 1, or normalize: true")
     if sum(weights) == 0:  # mergekit's linear has no divisor guard: 0 / 0
         raise fail(f"models[*].parameters.weight: the weights {weights} sum to 0, so mergekit's linear "
                    "divides by a zero sum (a NaN model); give weights whose sum is not 0")

@@ -121,7 +121,8 @@ def test_mergekit_other_methods():
     ({"merge_method": "breadcrumbs"}, "merge_method"),
     ({"slices": []}, "slices"),
     ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 2.0}}],
-      "merge_method": "linear", "parameters": {"normalize": False}}, "linear without normalize"),
+      "merge_method": "linear", "parameters": {"normalize": False}},
+     r"parameters.normalize: false sums w_i \* theta_i without dividing by the weights' sum \(here 3\)"),
     ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": -1.0}}],
       "merge_method": "linear"}, r"weights \[1.0, -1.0\] sum to 0"),
     ({"models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 2.0}}],
@@ -151,6 +152,13 @@ def test_mergekit_unequal_weights_under_normalize():
     ta = from_mergekit({"merge_method": "task_arithmetic", "base_model": "base", "models": models,
                         "parameters": {"normalize": True, "lambda": 2.0}})
     assert ta["hyperparameters"] == {"lam": [0.75 * 2.0 / 1.0, 0.25 * 2.0 / 1.0]}
+
+
+def test_mergekit_linear_without_normalize_is_the_weighted_mean_when_the_weights_sum_to_1():
+    cfg = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.25}},
+                                                {"model": "b", "parameters": {"weight": 0.75}}],
+           "parameters": {"normalize": False}}
+    assert from_mergekit(cfg)["hyperparameters"] == {"weights": [0.25, 0.75]}  # dividing by 1 changes nothing
 
 
 @pytest.mark.parametrize("tokenizer", [{"tokenizer_source": "base"}, {"tokenizer_source": "./base"},
