@@ -215,7 +215,8 @@ def _normalized_lam(method: str, weight: float, n: int, lam: float) -> float:
 
 def _linear(out: dict[str, Any], models: list[str], weights: list[float], normalize: bool, lam: float,
             fail: Fail) -> dict[str, Any]:
-    """mergekit linear (sum_i w_i theta_i / sum_i w_i over the listed models) as mergeflow's average."""
+    """mergekit linear (sum_i w_i theta_i / sum_i w_i over the listed models) as mergeflow's average;
+    without normalize (no division) only where the weights sum to exactly 1."""
     if lam != 1.0:
         raise fail("parameters.lambda: not supported for linear (a weighted mean); drop it")
     total = float(torch.tensor(weights, dtype=torch.float32).sum())  # the divisor, as both tools add it

@@ -7,10 +7,11 @@ For each float tensor, with v0 = model 0 and v1 = model 1 (the base is not used;
   interpolation (1 - t) v0 + t v1; otherwise, with omega = arccos(dot),
   result = sin((1 - t) omega) / sin(omega) * v0 + sin(t omega) / sin(omega) * v1.
 The dot product and the coefficients are computed in float64; t = 0 and t = 1 give v0 and v1.
-mergekit computes them in float32, so its coefficients, and the outputs, differ: by a few ulps
-on small tensors, by hundreds on tensors of ~10**6 entries, whose float32 dot product loses the
-most (on a small Llama, mergekit was 1.66e-6 from a float64 reference, mergeflow 7e-9; its
-float32 sums also change with the number of threads torch uses; float64 makes ours stable).
+mergekit computes them in float32, so its outputs differ from these by a few ulps on small
+tensors and by hundreds on tensors of ~10**6 entries, where a float32 dot product loses the most:
+on a small Llama, mergekit's were up to 1.66e-6 from a float64 reference, mergeflow's 7e-9.
+mergekit's float32 sums also change with the number of threads torch uses; float64 keeps these
+stable.
 """
 
 from __future__ import annotations
