@@ -371,7 +371,8 @@ def test_pcb_score_window_kernel_gives_the_torch_stats_and_bytes(tmp_path, monke
     marked = []
     monkeypatch.setattr(kernel.ScoreWindow, "reach", property(lambda self: marked.append(1) or real_reach(self)))
     g = torch.Generator().manual_seed(3)
-    base = {"w": torch.randint(-64, 65, (300, 64), generator=g).float() / 32, "b": torch.zeros(64)}
+    base = {"w": torch.randint(-64, 65, (300, 64), generator=g).float() / 32, "b": torch.zeros(64),
+            "empty": torch.zeros(0, 64)}  # a unit with no entries: its max is the max over nothing
     fts = [{k: v + torch.randint(-3, 4, v.shape, generator=g).float() / 64 for k, v in base.items()} for _ in range(3)]
     fts[0]["w"][:4] = base["w"][:4] * 40  # a few large products: tanh is not the identity there
     base, *fts = [{k: v.to(dtype) for k, v in sd.items()} for sd in [base, *fts]]

@@ -195,6 +195,7 @@ class ScoreWindow:
         self._top_keys, self._nans = np.full(n, -(2**31), dtype=np.int32), np.zeros(n, dtype=np.int32)
         self._reach = thread_scratch("pcb_reach", (m,), np.bool_)
         self._kept: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self._columns = 0
 
     def add(self, exp_intra: torch.Tensor, tanh_inter: torch.Tensor, j0: int) -> None:
         """The scores of columns [j0, j0 + w), given as their two factors (n, w)."""
@@ -206,6 +207,7 @@ class ScoreWindow:
         _score_window_counts(e, t, self.lows, self.highs, counts, inside, self._reach[j0:j0 + w], keys, nans,
                              kept, kept_n, positions)
         self.counts += counts
+        self._columns += w
         np.maximum(self._top_keys, keys, out=self._top_keys)
         self._nans += nans
         for i in range(n):
@@ -221,6 +223,8 @@ class ScoreWindow:
 
     @property
     def maxima(self) -> torch.Tensor:
+        if not self._columns:  # an empty unit: the max over nothing, which every value exceeds
+            return torch.full(self._top_keys.shape, -math.inf)
         keys = self._top_keys
         maxima = torch.from_numpy(keys ^ ((keys >> 31) & _MAGNITUDE_BITS)).view(torch.float32)
         maxima[torch.from_numpy(self._nans > 0)] = math.nan  # torch.amax: NaN wins
