@@ -121,7 +121,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from None
     recipe = parse_recipe(data, source=str(path))
-    return recipe.resolved(path.resolve().parent, mergekit=isinstance(data, dict) and "merge_method" in data)
+    return recipe.resolved(path.resolve().parent, mergekit=_is_mergekit(data))
 
 
 def _recipe_text(path: Path) -> str:
@@ -170,7 +170,7 @@ def parse_recipe(data: object, *, source: str = "recipe") -> Recipe:
     """A Recipe from parsed YAML (mergeflow format, or mergekit's, translated)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping with method, base, models, hyperparameters")
-    if "merge_method" in data:
+    if _is_mergekit(data):
         from mergeflow.mergekit_recipe import from_mergekit
 
         data = from_mergekit(data, source=source)
@@ -180,6 +180,11 @@ def parse_recipe(data: object, *, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {validation_summary(err, list(Recipe.model_fields))}") from None
     except ValueError as err:  # get_method: unknown method
         raise RecipeError(f"{source}: method: {err}") from None
+
+
+def _is_mergekit(data: object) -> bool:
+    """Whether parsed YAML is a mergekit recipe (translated by mergekit_recipe)."""
+    return isinstance(data, dict) and "merge_method" in data
 
 
 def _resolve(ref: str, root: Path, field: str, also: Path | None = None) -> str:

@@ -135,6 +135,12 @@ def storage_array(t: torch.Tensor) -> np.ndarray:
     raise TypeError(f"the fused kernels take bfloat16 or float32 values, not {t.dtype}")
 
 
+def row_floats(values: torch.Tensor, rows: int) -> np.ndarray:
+    """One float32 per row as a contiguous numpy array, for a kernel: a per-task bound (rows,), or
+    one value for every row (a window's (1,) ends)."""
+    return np.ascontiguousarray(np.broadcast_to(values.to(torch.float32).reshape(-1).numpy(), (rows,)))
+
+
 def count_nonfinite(t: torch.Tensor) -> int:
     """How many values of the CPU tensor `t` (bfloat16 or float32) are NaN or infinite."""
     from mergeflow.kernels.rows import count_nonfinite as count_rows

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from mergeflow.kernels import storage_array, thread_scratch
+from mergeflow.kernels import row_floats, storage_array, thread_scratch
 from mergeflow.kernels.rows import flagged, sum_rows
 from mergeflow.kernels.storage import f32_bits, load, store
 
@@ -36,7 +36,7 @@ def score_arguments(raw: torch.Tensor, low: torch.Tensor, high: torch.Tensor, ta
     are none, tanh has nothing to do)."""
     n = raw.shape[0] - 1
     j0, j1 = columns or (0, raw.shape[1])
-    lo, hi = _row_values(low), _row_values(high)
+    lo, hi = row_floats(low, n), row_floats(high, n)
     inter, intra = thread_scratch("pcb_inter", (n, j1 - j0)), thread_scratch("pcb_intra", (n, j1 - j0))
     total = thread_scratch("pcb_total", (1, j1 - j0))
     large = _arguments(storage_array(raw), j0, j1, lo, hi, _span(lo, hi), np.float32(n),
@@ -90,7 +90,7 @@ def merge_nlp(raw: torch.Tensor, out: torch.Tensor, positions: torch.Tensor,
     stored = storage_array(raw)
     n = stored.shape[0] - 1
     idx = positions.numpy().astype(np.int64, copy=False)
-    lo, hi, cut, top = (_row_values(b) for b in bounds)
+    lo, hi, cut, top = (row_floats(b, n) for b in bounds)
     clipped, inter, intra = (thread_scratch(f"pcb_merge_{s}", (n, idx.size)) for s in ("clipped", "inter", "intra"))
     total = thread_scratch("pcb_merge_total", (1, idx.size))
     large = _candidate_arguments(stored, idx, lo, hi, _span(lo, hi), np.float32(n), np.float32(tanh_identity_below),
@@ -100,11 +100,6 @@ def merge_nlp(raw: torch.Tensor, out: torch.Tensor, positions: torch.Tensor,
     sums = thread_scratch("pcb_merge_sums", (2, idx.size))
     _weighted_mean_into(stored[0], idx, intra, clipped, cut, top, _span(cut, top), np.float32(lam), sums,
                         storage_array(out))
-
-
-def _row_values(values: torch.Tensor) -> np.ndarray:
-    """One float32 value per task, as a numpy array."""
-    return values.to(torch.float32).reshape(-1).numpy()
 
 
 def _span(low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -189,13 +184,12 @@ class ScoreWindow:
     torch.amax gives it."""
 
     def __init__(self, n: int, m: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        self.lows, self.highs = (np.ascontiguousarray(np.broadcast_to(b.to(torch.float32).numpy(), (n,)))
-                                 for b in (lo, hi))
+        self.lows, self.highs = row_floats(lo, n), row_floats(hi, n)
         self.counts = np.zeros((3, n), dtype=np.int64)
         self._top_keys, self._nans = np.full(n, -(2**31), dtype=np.int32), np.zeros(n, dtype=np.int32)
         self._reach = thread_scratch("pcb_reach", (m,), np.bool_)
         self._kept: list[list[np.ndarray]] = [[] for _ in range(n)]
-        self._columns = 0
+        self._empty = m == 0  # the tiles `add` gets cover the m columns
 
     def add(self, exp_intra: torch.Tensor, tanh_inter: torch.Tensor, j0: int) -> None:
         """The scores of columns [j0, j0 + w), given as their two factors (n, w)."""
@@ -207,7 +201,6 @@ class ScoreWindow:
         _score_window_counts(e, t, self.lows, self.highs, counts, inside, self._reach[j0:j0 + w], keys, nans,
                              kept, kept_n, positions)
         self.counts += counts
-        self._columns += w
         np.maximum(self._top_keys, keys, out=self._top_keys)
         self._nans += nans
         for i in range(n):
@@ -223,7 +216,7 @@ class ScoreWindow:
 
     @property
     def maxima(self) -> torch.Tensor:
-        if not self._columns:  # an empty unit: the max over nothing, which every value exceeds
+        if self._empty:  # an empty unit: the max over nothing, which every value exceeds
             return torch.full(self._top_keys.shape, -math.inf)
         keys = self._top_keys
         maxima = torch.from_numpy(keys ^ ((keys >> 31) & _MAGNITUDE_BITS)).view(torch.float32)

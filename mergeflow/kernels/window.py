@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from mergeflow.kernels import storage_array, thread_scratch
+from mergeflow.kernels import row_floats, storage_array, thread_scratch
 from mergeflow.kernels.rows import count_nonfinite, flagged
 from mergeflow.kernels.storage import load
 
@@ -36,7 +36,7 @@ def abs_delta_windows(raw: torch.Tensor, windows: Sequence[tuple[torch.Tensor, t
     positions = thread_scratch("window_positions", (m,), np.int64)
     results = []
     for lo, hi in windows:
-        bounds = [np.ascontiguousarray(np.broadcast_to(b.to(torch.float32).numpy(), (n,))) for b in (lo, hi)]
+        bounds = [row_floats(b, n) for b in (lo, hi)]
         counts, kept_n = np.zeros((3, n), dtype=np.int64), np.zeros(n, dtype=np.int64)
         _loops(stored, *bounds, counts, inside, kept, kept_n, positions)
         results.append((counts, [torch.from_numpy(kept[i, :kept_n[i]].copy()) for i in range(n)]))
